@@ -1,0 +1,94 @@
+"""Settings from the environment (and a `.env` file); every default lives here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value DreamSketch cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_file: Path = Path("models.yaml")
+    output_dir: Path = Path("outputs")
+    default_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_loaded: int = 1
+    compile: bool = False
+    queue_size: int = 32
+    auth: tuple[str, str] | None = None
+    use_local_models: bool = True
+    hf_token: str | None = None
+    server_name: str = "127.0.0.1"
+    server_port: int = 7860
+    inference_api_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read settings; a `.env` in the working directory fills in what the environment lacks."""
+        if environ is None:
+            load_dotenv(Path.cwd() / ".env", override=False)
+            environ = dict(os.environ)
+        env = {k: v for k, v in environ.items() if v != ""}
+        return cls(
+            models_file=Path(env.get("DREAMSKETCH_MODELS_FILE", cls.models_file)),
+            output_dir=Path(env.get("DREAMSKETCH_OUTPUT_DIR", cls.output_dir)),
+            default_model=env.get("DREAMSKETCH_DEFAULT_MODEL"),
+            device=_choice(env, "DREAMSKETCH_DEVICE", DEVICES, cls.device),
+            dtype=_choice(env, "DREAMSKETCH_DTYPE", DTYPES, cls.dtype),
+            max_loaded=_positive_int(env, "DREAMSKETCH_MAX_LOADED", cls.max_loaded),
+            compile=_flag(env, "DREAMSKETCH_COMPILE", cls.compile),
+            queue_size=_positive_int(env, "DREAMSKETCH_QUEUE_SIZE", cls.queue_size),
+            auth=_auth(env.get("DREAMSKETCH_AUTH")),
+            use_local_models=_flag(env, "USE_LOCAL_MODELS", cls.use_local_models),
+            hf_token=env.get("HF_TOKEN"),
+            server_name=env.get("GRADIO_SERVER_NAME", cls.server_name),
+            server_port=_positive_int(env, "GRADIO_SERVER_PORT", cls.server_port),
+            inference_api_url=env.get("DREAMSKETCH_INFERENCE_API_URL"),
+        )
+
+
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SettingsError(f"{name}={raw!r}: expected a whole number of at least 1")
+    return int(raw)
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected true/false or 1/0")
+
+
+def _auth(raw: str | None) -> tuple[str, str] | None:
+    if raw is None:
+        return None
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise SettingsError("DREAMSKETCH_AUTH: expected user:password")
+    return user, password

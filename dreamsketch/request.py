@@ -1,0 +1,209 @@
+"""The one place where a generation request is checked; UI, HTTP API and CLI all come through here."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from PIL import Image
+
+from dreamsketch.registry import ModelSpec, Registry
+from dreamsketch.schedulers import SCHEDULERS
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 8
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_AREA_FACTOR = 4
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+DEFAULT_STRENGTH = 0.6
+
+Mode = Literal["txt2img", "img2img"]
+_COMMON_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "model_id",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "scheduler",
+    "batch_size",
+)
+FIELDS: dict[str, tuple[str, ...]] = {
+    "txt2img": _COMMON_FIELDS,
+    "img2img": ("image", *_COMMON_FIELDS, "strength"),
+}
+_ALLOWED_CONTROL = {"\n", "\t", "\r"}
+
+
+class RequestError(ValueError):
+    """A request field breaks its rule; the message names the field and the rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"field '{field}': {rule}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    model_id: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str | None
+    batch_size: int
+    strength: float | None = None
+    image: Image.Image | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return "txt2img" if self.image is None else "img2img"
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with seed -1 replaced by a freshly drawn seed."""
+        if self.seed != -1:
+            return self
+        return replace(self, seed=random.randint(0, MAX_SEED))
+
+    def image_seeds(self) -> list[int]:
+        """One seed per image of the batch: seed, seed+1, ... as AUTOMATIC1111 numbers them."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_size)]
+
+
+def parse_request(fields: Mapping[str, Any], registry: Registry, mode: Mode, default_model: str) -> GenerationRequest:
+    """Check every field against DESIGN.md's bounds; fields left out (or None) take the model's defaults."""
+    if not isinstance(fields, Mapping):
+        raise RequestError("body", "must be an object of request fields")
+    allowed = FIELDS[mode]
+    for name in fields:
+        if name not in allowed:
+            raise RequestError(str(name), f"unknown field for {mode}; expected some of {', '.join(allowed)}")
+    given = {k: v for k, v in fields.items() if v is not None}
+
+    model_id = given.get("model_id", default_model)
+    if not isinstance(model_id, str) or model_id not in registry:
+        raise RequestError("model_id", f"must be one of {', '.join(registry.ids())}")
+    spec = registry.get(model_id)
+
+    width = _int(given, "width", spec.width, MIN_SIDE, MAX_SIDE)
+    height = _int(given, "height", spec.height, MIN_SIDE, MAX_SIDE)
+    for name, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise RequestError(name, f"must be a multiple of 8 (got {value})")
+    _check_area(spec, width, height)
+
+    scheduler = given.get("scheduler")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise RequestError("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+
+    image = None
+    strength = None
+    if mode == "img2img":
+        if "image" not in given:
+            raise RequestError("image", "required for img2img")
+        image = check_image(given["image"])
+        strength = _number(given, "strength", DEFAULT_STRENGTH, 0.0, 1.0)
+        if strength == 0:
+            raise RequestError("strength", "must be more than 0 and at most 1")
+
+    return GenerationRequest(
+        prompt=_text(given, "prompt"),
+        negative_prompt=_text(given, "negative_prompt"),
+        model_id=model_id,
+        width=width,
+        height=height,
+        steps=_int(given, "steps", spec.steps, 1, MAX_STEPS),
+        guidance_scale=_number(given, "guidance_scale", spec.guidance_scale, 0.0, MAX_GUIDANCE),
+        seed=_int(given, "seed", -1, -1, MAX_SEED),
+        scheduler=scheduler,
+        batch_size=_int(given, "batch_size", 1, 1, MAX_BATCH),
+        strength=strength,
+        image=image,
+    )
+
+
+def _text(given: Mapping[str, Any], name: str) -> str:
+    value = given.get(name, "")
+    if not isinstance(value, str):
+        raise RequestError(name, "must be a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(name, f"at most {MAX_PROMPT_CHARS} characters (got {len(value)})")
+    if any(ord(c) < 32 and c not in _ALLOWED_CONTROL or c == "\x7f" for c in value):
+        raise RequestError(name, "must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(name, "must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+def _int(given: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = given.get(name, default)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if type(value) is not int:
+        raise RequestError(name, f"must be a whole number from {low} to {high}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be from {low} to {high} (got {value})")
+    return value
+
+
+def _number(given: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = given.get(name, default)
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise RequestError(name, f"must be a finite number from {low:g} to {high:g}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be from {low:g} to {high:g} (got {value:g})")
+    return float(value)
+
+
+def _check_area(spec: ModelSpec, width: int, height: int) -> None:
+    limit = MAX_AREA_FACTOR * spec.native_area
+    if width * height > limit:
+        raise RequestError(
+            "width",
+            f"width*height must be at most {MAX_AREA_FACTOR}x the model's native area "
+            f"({spec.width}x{spec.height}): {width}x{height} is too large",
+        )
+
+
+def check_image(value: Any) -> Image.Image:
+    """An RGB image from PNG/JPEG/WebP bytes or a PIL image, within the size and pixel limits."""
+    if isinstance(value, Image.Image):
+        _check_pixels(value.width, value.height)
+        return value.convert("RGB")
+    if not isinstance(value, bytes | bytearray):
+        raise RequestError("image", "must be a PNG, JPEG or WebP file")
+    if not value:
+        raise RequestError("image", "is empty (0 bytes)")
+    if len(value) > MAX_IMAGE_BYTES:
+        raise RequestError("image", f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB (got {len(value)} bytes)")
+    try:
+        with Image.open(io.BytesIO(value), formats=IMAGE_FORMATS) as opened:
+            _check_pixels(opened.width, opened.height)
+            opened.load()
+            return opened.convert("RGB")
+    except RequestError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RequestError("image", f"at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels (got {width}x{height})")

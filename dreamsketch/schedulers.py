@@ -1,0 +1,37 @@
+"""Schedulers by their AUTOMATIC1111 names, so metadata reads the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+
+# A1111 name -> (diffusers class name, extra config)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """A fresh scheduler of the named kind, built on a model's own scheduler config."""
+    class_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **extra)
+
+
+def scheduler_name(scheduler: Any) -> str:
+    """The A1111 name of a scheduler instance (the first table entry that matches it)."""
+    class_name = type(scheduler).__name__
+    karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
+    for name, (candidate, extra) in SCHEDULERS.items():
+        if candidate == class_name and extra.get("use_karras_sigmas", False) == karras:
+            return name
+    return class_name
