@@ -1,0 +1,5 @@
+import sys
+
+from dreamsketch.cli import main
+
+sys.exit(main())

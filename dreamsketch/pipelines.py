@@ -1,0 +1,195 @@
+"""The pipeline cache: load each model once, keep the most recently used ones, share weights with img2img."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from dreamsketch.config import Settings
+from dreamsketch.registry import ModelSpec, Registry
+from dreamsketch.tiny import build_tiny_pipeline
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES: dict[str, tuple[type[DiffusionPipeline], type[DiffusionPipeline]]] = {
+    "sd15": (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline),
+    "sd2": (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline),
+    "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+HUB_URL = "https://huggingface.co"
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model's weights cannot be loaded now; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    txt2img: Any
+    img2img: Any
+    default_scheduler_config: Any
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting != "auto":
+        return torch.device(setting)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face cache, read from the environment now (not when huggingface_hub was imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def is_cached(repo_id: str) -> bool:
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache_dir()), str)
+
+
+@cache
+def hub_reachable() -> bool:
+    """One quick look per process: can the Hub be reached now?"""
+    if hub_offline():
+        return False
+    import httpx
+
+    try:
+        httpx.head(HUB_URL, timeout=3.0)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def is_available(spec: ModelSpec) -> bool:
+    """Whether the model's weights can be loaded now without asking anyone."""
+    kind = spec.source_kind
+    if kind == "builtin":
+        return True
+    if kind == "folder":
+        return (Path(spec.source) / "model_index.json").is_file()
+    if kind == "single_file":
+        return Path(spec.source).is_file()
+    return is_cached(spec.source) or hub_reachable()
+
+
+def unavailable_message(spec: ModelSpec, reason: str) -> str:
+    return (
+        f"Model '{spec.id}' ({spec.source}) cannot be loaded: {reason}. "
+        "Connect to the internet, set HF_TOKEN for gated models, point `source` in the registry at a local copy, "
+        "or use tiny-demo."
+    )
+
+
+class PipelineCache:
+    """At most `max_loaded` models in memory; the least recently used one goes first. Not thread-safe:
+    the engine calls it under its device lock."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.registry = registry
+        self.max_loaded = settings.max_loaded
+        self.hf_token = settings.hf_token
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, model_id: str) -> LoadedModel:
+        if model_id in self.loaded:
+            self.loaded.move_to_end(model_id)
+            return self.loaded[model_id]
+        spec = self.registry.get(model_id)
+        while len(self.loaded) >= self.max_loaded:
+            self.evict(next(iter(self.loaded)))
+        try:
+            model = self._load(spec)
+        except BaseException:
+            free_memory()
+            raise
+        self.loaded[model_id] = model
+        return model
+
+    def evict(self, model_id: str) -> None:
+        self.loaded.pop(model_id, None)
+        free_memory()
+        log.info("unloaded %s", model_id)
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        log.info("loading %s from %s on %s (%s)", spec.id, spec.source, self.device, self.dtype)
+        txt2img_class, img2img_class = PIPELINE_CLASSES[spec.family]
+        txt2img = self._load_txt2img(spec, txt2img_class).to(self.device)
+        txt2img.set_progress_bar_config(disable=True)
+        img2img = img2img_class.from_pipe(txt2img, dtype=self.dtype)
+        img2img.set_progress_bar_config(disable=True)
+        return LoadedModel(spec, txt2img, img2img, txt2img.scheduler.config)
+
+    def _load_txt2img(self, spec: ModelSpec, pipeline_class: Any) -> Any:
+        kind = spec.source_kind
+        extra: dict[str, Any] = {}
+        if spec.family != "sdxl":
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        if kind == "builtin":
+            return build_tiny_pipeline().to(dtype=self.dtype)
+        if not is_available(spec):
+            reason = "the weights are not where `source` points" if kind != "hub" else "not in the local cache"
+            if kind == "hub" and hub_offline():
+                reason += " and the Hub is offline (HF_HUB_OFFLINE)"
+            elif kind == "hub":
+                reason += " and the Hub cannot be reached"
+            raise ModelUnavailableError(unavailable_message(spec, reason))
+        try:
+            if kind == "single_file":
+                return pipeline_class.from_single_file(spec.source, dtype=self.dtype, token=self.hf_token, **extra)
+            return pipeline_class.from_pretrained(
+                spec.source,
+                dtype=self.dtype,
+                token=self.hf_token,
+                cache_dir=hub_cache_dir(),
+                local_files_only=hub_offline() or (kind == "hub" and not hub_reachable()),
+                **extra,
+            )
+        except GatedRepoError:
+            raise ModelUnavailableError(unavailable_message(spec, "the repo is gated and needs HF_TOKEN")) from None
+        except RepositoryNotFoundError:
+            raise ModelUnavailableError(unavailable_message(spec, "no such repo on the Hub")) from None
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            raise ModelUnavailableError(unavailable_message(spec, f"the weights could not be read ({exc})")) from None
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

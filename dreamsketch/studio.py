@@ -1,0 +1,157 @@
+"""The studio: registry + engine + gallery behind one object that the UI, HTTP API and CLI share."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import gradio
+import torch
+import transformers
+
+from dreamsketch import __version__
+from dreamsketch.config import Settings, SettingsError
+from dreamsketch.engine import Generation, LocalEngine, StepCallback
+from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
+from dreamsketch.pipelines import is_available
+from dreamsketch.registry import Registry, load_registry
+from dreamsketch.remote import RemoteEngine
+from dreamsketch.request import GenerationRequest, Mode, parse_request
+
+log = logging.getLogger(__name__)
+OFFLINE_MODELS = ("tiny-shapes", "tiny-demo")
+
+
+class StudioBusy(RuntimeError):
+    """More requests are waiting than DREAMSKETCH_QUEUE_SIZE allows."""
+
+
+@dataclass
+class StudioResult:
+    generation: Generation
+    entries: list[GalleryEntry]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.generation.warnings
+
+
+def choose_default_model(settings: Settings, registry: Registry) -> str:
+    """DREAMSKETCH_DEFAULT_MODEL; else the first user model usable now; else the bundled offline model."""
+    if settings.default_model is not None:
+        if settings.default_model not in registry:
+            raise SettingsError(
+                f"DREAMSKETCH_DEFAULT_MODEL={settings.default_model!r}: not in {registry.path} "
+                f"(known: {', '.join(registry.ids())})"
+            )
+        return settings.default_model
+    for spec in registry:
+        if spec.id not in OFFLINE_MODELS and spec.source_kind != "builtin" and is_available(spec):
+            log.info("default model: %s (its weights are usable now)", spec.id)
+            return spec.id
+    for model_id in OFFLINE_MODELS:
+        if model_id in registry and is_available(registry.get(model_id)):
+            log.info("default model: %s (no other model's weights are cached or downloadable now)", model_id)
+            return model_id
+    raise SettingsError(f"{registry.path}: no model is usable now; add tiny-demo (source: builtin:tiny)")
+
+
+class Studio:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.registry = load_registry(self.settings.models_file)
+        engine_class = LocalEngine if self.settings.use_local_models else RemoteEngine
+        self.engine: LocalEngine | RemoteEngine = engine_class(self.settings, self.registry)
+        self.gallery = Gallery(self.settings.output_dir)
+        self.default_model = choose_default_model(self.settings, self.registry)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    def parse(self, fields: Mapping[str, Any], mode: Mode) -> GenerationRequest:
+        return parse_request(fields, self.registry, mode, self.default_model)
+
+    def generate(
+        self, request: GenerationRequest, on_step: StepCallback | None = None, cancel: threading.Event | None = None
+    ) -> StudioResult:
+        """Run the request, then save its images to the gallery (outside the device lock).
+
+        Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting behind the running one."""
+        with self._pending_lock:
+            if self._pending > self.settings.queue_size:
+                raise StudioBusy(f"busy: {self._pending} requests are ahead of this one; try again in a moment")
+            self._pending += 1
+        try:
+            generation = self.engine.generate(request, on_step, cancel)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+        done = generation.request
+        entries = [
+            self.gallery.save(image, image_meta(done, seed, generation.scheduler))
+            for image, seed in zip(generation.images, generation.seeds, strict=True)
+        ]
+        return StudioResult(generation, entries)
+
+    @property
+    def pending(self) -> int:
+        """Requests running or waiting for the device."""
+        return self._pending
+
+    def models(self) -> list[dict[str, Any]]:
+        loaded = set(self.engine.loaded_ids())
+        return [
+            {
+                "id": spec.id,
+                "name": spec.name,
+                "family": spec.family,
+                "width": spec.width,
+                "height": spec.height,
+                "steps": spec.steps,
+                "guidance_scale": spec.guidance_scale,
+                "loaded": spec.id in loaded,
+                "available": is_available(spec),
+            }
+            for spec in self.registry
+        ]
+
+    def status(self) -> dict[str, Any]:
+        gpu = None
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            gpu = {"name": torch.cuda.get_device_name(), "memory_total": total, "memory_free": free}
+        device = self.engine.cache.device.type if isinstance(self.engine, LocalEngine) else "remote"
+        return {
+            "device": device,
+            "gpu": gpu,
+            "versions": {
+                "dreamsketch": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "gradio": gradio.__version__,
+            },
+            "loaded_models": self.engine.loaded_ids(),
+            "queue_length": self.pending,
+            "default_model": self.default_model,
+        }
+
+
+def image_meta(request: GenerationRequest, seed: int, scheduler: str) -> ImageMeta:
+    return ImageMeta(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        model_id=request.model_id,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        seed=seed,
+        scheduler=scheduler,
+        strength=request.strength,
+    )
