@@ -386,7 +386,7 @@ class Gallery:
         with self._connect() as conn:
             known = conn.execute("SELECT 1 FROM images WHERE file_name = ?", (file_name,)).fetchone()
         path = self.folder / file_name
-        return path if known and path.is_file() and not path.is_symlink() else None
+        return path if known and _plain_file(path) else None
 
     # -- files ----------------------------------------------------------------------------------------------------
 
@@ -401,7 +401,7 @@ class Gallery:
                 os.fsync(handle.fileno())
             os.replace(temp, target)
         except BaseException:
-            temp.unlink(missing_ok=True)
+            _remove_quietly(temp)
             raise
         _fsync_folder(self.folder)
 
@@ -414,7 +414,7 @@ class Gallery:
                     log.info("removed orphan temporary file %s", path)
 
     def _png_names(self) -> set[str]:
-        return {p.name for p in self.folder.iterdir() if _SAFE_NAME.fullmatch(p.name) and p.is_file()}
+        return {p.name for p in self.folder.iterdir() if _SAFE_NAME.fullmatch(p.name) and _plain_file(p)}
 
     def _scan(self, names: set[str]) -> builtins.list[tuple[str, ImageMeta, str]]:
         """(name, meta, created_at) of the named PNGs that carry our metadata, oldest file first."""
@@ -502,7 +502,7 @@ class Gallery:
             with self._transaction() as conn:
                 return int(conn.execute(_UPSERT, _row(file_name, meta, created_at)).fetchone()[0])
         except BaseException:
-            (self.folder / file_name).unlink(missing_ok=True)
+            _remove_quietly(self.folder / file_name)
             raise
 
 
@@ -537,6 +537,16 @@ def _iso(moment: datetime) -> str:
 
 def _reason(error: BaseException) -> str:
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _remove_quietly(path: Path) -> None:
+    """Cleanup after a failure: the original error is the one to report."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
