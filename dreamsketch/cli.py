@@ -119,6 +119,8 @@ def models(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-
     for model in studio.models():
         usable = "usable now" if model["available"] else "not cached"
         default = "  (default)" if model["id"] == studio.default_model else ""
-        print(f"{model['id']:<24} {model['family']:<5} {model['width']}x{model['height']:<5} {usable:<11} "
-              f"{model['name']}{default}")
+        print(
+            f"{model['id']:<24} {model['family']:<5} {model['width']}x{model['height']:<5} {usable:<11} "
+            f"{model['name']}{default}"
+        )
     return 0

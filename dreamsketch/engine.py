@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,12 @@ log = logging.getLogger(__name__)
 # Latent channels -> RGB, for a live preview without a second model (rows: latent channels; columns: R, G, B).
 PREVIEW_MATRICES = {
     "sd15": [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
-    "sdxl": [[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]],
+    "sdxl": [
+        [0.3448, 0.4168, 0.4395],
+        [-0.1953, -0.0290, 0.0250],
+        [0.1074, 0.0886, -0.0163],
+        [-0.3730, -0.2499, -0.2088],
+    ],
 }
 PREVIEW_MATRICES["sd2"] = PREVIEW_MATRICES["sd15"]
 
@@ -123,7 +129,7 @@ class LocalEngine:
                 on_step(Step(step_index + 1, pipeline.num_timesteps, tensors["latents"], spec.family))
             return {}
 
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from typing import Any
 
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
@@ -57,7 +58,7 @@ class RemoteEngine:
         return Generation(request, images, seeds, request.scheduler or REMOTE_SCHEDULER)
 
     def _one(self, request: GenerationRequest, seed: int, model: str | None) -> Image.Image:
-        common = dict(
+        common: dict[str, Any] = dict(
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,

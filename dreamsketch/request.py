@@ -200,7 +200,9 @@ def check_image(value: Any) -> Image.Image:
             return opened.convert("RGB")
     except RequestError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise RequestError("image", f"at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
+    except (OSError, SyntaxError, ValueError):
         raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
 
 

@@ -7,10 +7,10 @@ import platform
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import diffusers
-import gradio
 import torch
 import transformers
 
@@ -134,7 +134,7 @@ class Studio:
                 "torch": torch.__version__,
                 "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__,
-                "gradio": gradio.__version__,
+                "gradio": version("gradio"),
             },
             "loaded_models": self.engine.loaded_ids(),
             "queue_length": self.pending,

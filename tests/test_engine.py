@@ -1,0 +1,174 @@
+import dataclasses
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreamsketch.engine import GenerationCancelled, GenerationError, LocalEngine, latent_preview
+from dreamsketch.registry import load_registry
+from dreamsketch.request import parse_request
+from dreamsketch.schedulers import SCHEDULERS
+
+
+@pytest.fixture
+def engine(settings):
+    return LocalEngine(settings, load_registry(settings.models_file))
+
+
+def request(engine, mode="txt2img", **fields):
+    fields = {"prompt": "a red fox", "seed": 7, "steps": 3, **fields}
+    return parse_request(fields, engine.cache.registry, mode, "tiny-demo")
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_same_seed_same_image_other_seed_other_image(engine):
+    first = engine.generate(request(engine))
+    again = engine.generate(request(engine))
+    other = engine.generate(request(engine, seed=8))
+    assert first.images[0].size == (128, 128) and first.seeds == [7]
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+    assert not np.array_equal(pixels(first.images[0]), pixels(other.images[0]))
+
+
+def test_random_seed_is_reported_and_reproduces(engine):
+    drawn = engine.generate(request(engine, seed=-1))
+    assert drawn.request.seed == drawn.seeds[0] != -1
+    replay = engine.generate(request(engine, seed=drawn.seeds[0]))
+    assert np.array_equal(pixels(drawn.images[0]), pixels(replay.images[0]))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs(engine, name):
+    generation = engine.generate(request(engine, scheduler=name, steps=2))
+    assert generation.scheduler == name and len(generation.images) == 1
+    assert type(engine.cache.get("tiny-demo").txt2img.scheduler).__name__ == SCHEDULERS[name][0]
+
+
+def test_default_scheduler_is_the_models_own(engine):
+    assert engine.generate(request(engine)).scheduler == "Euler a"
+
+
+def test_batch_images_have_consecutive_seeds_and_match_single_runs(engine):
+    batch = engine.generate(request(engine, batch_size=3, scheduler="DDIM"))
+    assert batch.seeds == [7, 8, 9] and len(batch.images) == 3
+    single = engine.generate(request(engine, seed=8, scheduler="DDIM"))
+    assert np.abs(pixels(batch.images[1]) - pixels(single.images[0])).max() <= 2
+
+
+def test_progress_reports_every_step_with_a_preview(engine):
+    steps = []
+    engine.generate(request(engine, steps=5), on_step=lambda s: steps.append((s.step, s.total, s.preview().size)))
+    assert steps == [(i, 5, (16, 16)) for i in range(1, 6)]
+
+
+def test_img2img_strength_sets_the_steps(engine):
+    source = png(Image.new("RGB", (96, 96), (200, 40, 40)))
+    outputs = []
+    for strength in (0.3, 1.0):
+        steps = []
+        fields = {"image": source, "strength": strength, "steps": 10, "scheduler": "DDIM"}
+        result = engine.generate(request(engine, "img2img", **fields), on_step=steps.append)
+        assert [s.step for s in steps] == list(range(1, int(10 * strength) + 1))
+        assert result.images[0].size == (128, 128) and result.request.strength == strength
+        outputs.append(pixels(result.images[0]))
+    assert not np.array_equal(*outputs)
+
+
+def test_img2img_shares_the_txt2img_weights(engine):
+    engine.generate(request(engine))
+    model = engine.cache.get("tiny-demo")
+    for name in ("unet", "vae", "text_encoder"):
+        first, second = getattr(model.txt2img, name), getattr(model.img2img, name)
+        assert first is second
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(first.parameters(), second.parameters(), strict=True))
+
+
+def test_least_recently_used_model_is_evicted(settings):
+    engine = LocalEngine(dataclasses.replace(settings, max_loaded=2), load_registry(settings.models_file))
+    engine.preload("tiny-demo")
+    engine.preload("tiny-folder")
+    engine.cache.get("tiny-demo")  # now the most recently used
+    assert engine.loaded_ids() == ["tiny-folder", "tiny-demo"]
+    engine.generate(request(engine, model_id="tiny-folder"))
+    assert engine.loaded_ids() == ["tiny-demo", "tiny-folder"]
+    single = LocalEngine(settings, load_registry(settings.models_file))
+    single.preload("tiny-demo")
+    single.preload("tiny-folder")
+    assert single.loaded_ids() == ["tiny-folder"]
+
+
+def test_cancel_stops_within_a_step_and_leaves_the_pipeline_usable(engine):
+    cancel = threading.Event()
+    seen = []
+
+    def on_step(step):
+        seen.append(step.step)
+        if step.step == 2:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled):
+        engine.generate(request(engine, steps=20), on_step, cancel)
+    assert seen == [1, 2]
+    assert len(engine.generate(request(engine)).images) == 1
+    with pytest.raises(GenerationCancelled):
+        engine.generate(request(engine), cancel=cancel)  # cancelled before it started
+
+
+def test_long_prompt_is_reported_not_silently_dropped(engine):
+    # The tiny tokenizer reads one token per character: 75 fit between the start and end markers.
+    prompt = "a" * 75 + "XYZ tail"
+    generation = engine.generate(request(engine, prompt=prompt, negative_prompt="short"))
+    assert len(generation.warnings) == 1
+    assert generation.warnings[0].startswith("prompt is 83 tokens; the text encoder reads 75")
+    assert "XYZ tail" in generation.warnings[0].replace(" ", "").replace("XYZtail", "XYZ tail")
+    assert engine.generate(request(engine, prompt="a" * 75)).warnings == []
+
+
+def test_half_precision_vae_nan_is_decoded_again_in_fp32(settings):
+    engine = LocalEngine(dataclasses.replace(settings, dtype="bf16"), load_registry(settings.models_file))
+    vae = engine.cache.get("tiny-demo").txt2img.vae
+    decode = vae.decode
+    dtypes = []
+
+    def nan_in_half_precision(latents, **kwargs):
+        dtypes.append(vae.dtype)
+        sample = decode(latents, **kwargs)[0]
+        if vae.dtype != torch.float32:
+            sample = torch.full_like(sample, float("nan"))
+        return (sample,)
+
+    vae.decode = nan_in_half_precision
+    image = engine.generate(request(engine)).images[0]
+    assert dtypes == [torch.bfloat16, torch.float32] and vae.dtype == torch.bfloat16
+    assert pixels(image).std() > 0
+
+
+def test_out_of_memory_asks_for_smaller_work_and_the_next_request_runs(engine):
+    unet = engine.cache.get("tiny-demo").txt2img.unet
+    forward = unet.forward
+    unet.forward = lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(GenerationError, match="lower the size or the batch size"):
+        engine.generate(request(engine, batch_size=2))
+    unet.forward = forward
+    assert len(engine.generate(request(engine)).images) == 1
+
+
+def test_latent_preview_uses_the_family_matrix():
+    latents = torch.zeros(1, 4, 2, 2)
+    latents[0, 0] = 1.0
+    preview = np.asarray(latent_preview(latents, "sd15"))
+    assert preview.shape == (2, 2, 3)
+    assert tuple(preview[0, 0]) == tuple(round((v + 1) * 127.5) for v in (0.298, 0.207, 0.208))
+    assert tuple(np.asarray(latent_preview(-9 * latents, "sdxl"))[0, 0]) == (0, 0, 0)

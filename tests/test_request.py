@@ -1,0 +1,146 @@
+import io
+import math
+import zlib
+
+import pytest
+from PIL import Image
+
+from dreamsketch.registry import load_registry
+from dreamsketch.request import MAX_SEED, RequestError, check_image, parse_request
+from dreamsketch.schedulers import SCHEDULERS
+from tests.conftest import entry, write_registry
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return load_registry(write_registry(tmp_path / "m.yaml", [entry("tiny", "builtin:tiny", size=128)]))
+
+
+def png_bytes(size=(32, 32), fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "red").save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def parse(registry, mode="txt2img", **fields):
+    return parse_request(fields, registry, mode, "tiny")
+
+
+def test_defaults_come_from_the_model(registry):
+    request = parse(registry, prompt="a fox")
+    assert (request.width, request.height, request.steps, request.guidance_scale) == (128, 128, 4, 7.5)
+    assert (request.seed, request.batch_size, request.scheduler, request.mode) == (-1, 1, None, "txt2img")
+    assert parse(registry, prompt=None, seed=None).prompt == ""
+
+
+@pytest.mark.parametrize(
+    "field, good",
+    [
+        ("width", [64, 128, 256, 136]),
+        ("height", [64, 256]),
+        ("steps", [1, 150]),
+        ("guidance_scale", [0, 0.0, 30, 7.5]),
+        ("seed", [-1, 0, MAX_SEED]),
+        ("batch_size", [1, 8]),
+        ("scheduler", list(SCHEDULERS)),
+        ("prompt", ["", "x" * 2000, "émoji 🦊 𝔘 \U000e0041", "two\nlines\tand tab"]),
+        ("negative_prompt", ["", "x" * 2000]),
+    ],
+)
+def test_values_inside_the_bounds(registry, field, good):
+    for value in good:
+        assert getattr(parse(registry, **{field: value}), field) == value
+
+
+@pytest.mark.parametrize(
+    "field, bad, rule",
+    [
+        ("width", [56, 2056, 0, -8], "from 64 to 2048"),
+        ("width", [100, 132], "multiple of 8"),
+        ("width", [128.5, "128", True, [128]], "whole number"),
+        ("height", [63, 4096], "from 64 to 2048"),
+        ("steps", [0, 151, -1], "from 1 to 150"),
+        ("steps", ["30", 2.5], "whole number"),
+        ("guidance_scale", [-0.1, 30.01], "from 0 to 30"),
+        ("guidance_scale", [math.nan, math.inf, -math.inf, "7"], "finite number"),
+        ("seed", [-2, MAX_SEED + 1], "from -1 to"),
+        ("seed", ["7", 1.5], "whole number"),
+        ("batch_size", [0, 9], "from 1 to 8"),
+        ("scheduler", ["Euler A", "euler", "", 3], "must be one of"),
+        ("prompt", ["x" * 2001], "at most 2000 characters"),
+        ("prompt", [5, ["a"], b"bytes"], "must be a string"),
+        ("prompt", ["nul\x00", "bell\x07", "esc\x1b[31m", "del\x7f"], "control characters"),
+        ("prompt", ["lone \ud800 surrogate"], "valid Unicode"),
+        ("negative_prompt", ["y" * 2001], "at most 2000"),
+        ("model_id", ["nope", "../etc", "", 5], "must be one of tiny"),
+    ],
+)
+def test_values_outside_the_bounds_name_field_and_rule(registry, field, bad, rule):
+    for value in bad:
+        with pytest.raises(RequestError) as error:
+            parse(registry, **{field: value})
+        assert error.value.field == field
+        assert str(error.value).startswith(f"field '{field}': ") and rule in str(error.value)
+
+
+def test_area_is_bounded_by_four_times_native(registry):
+    assert parse(registry, width=256, height=256).width == 256
+    with pytest.raises(RequestError, match="4x the model's native area"):
+        parse(registry, width=264, height=256)
+
+
+def test_unknown_fields_and_non_mapping_bodies(registry):
+    with pytest.raises(RequestError, match="field 'colour': unknown field"):
+        parse(registry, colour="red")
+    with pytest.raises(RequestError, match="field 'strength': unknown field for txt2img"):
+        parse(registry, strength=0.5)
+    with pytest.raises(RequestError, match="field 'body'"):
+        parse_request(["prompt"], registry, "txt2img", "tiny")  # type: ignore[arg-type]
+
+
+def test_img2img_image_and_strength(registry):
+    request = parse(registry, "img2img", image=png_bytes(), strength=1)
+    assert request.mode == "img2img" and request.strength == 1.0 and request.image.size == (32, 32)
+    assert parse(registry, "img2img", image=png_bytes(fmt="JPEG")).strength == 0.6
+    assert parse(registry, "img2img", image=png_bytes(fmt="WEBP")).image.mode == "RGB"
+    assert parse(registry, "img2img", image=Image.new("RGBA", (8, 8))).image.mode == "RGB"
+    for strength in (0, -0.1, 1.01, math.nan):
+        with pytest.raises(RequestError, match="field 'strength'"):
+            parse(registry, "img2img", image=png_bytes(), strength=strength)
+    with pytest.raises(RequestError, match="field 'image': required"):
+        parse(registry, "img2img", prompt="x")
+
+
+@pytest.mark.parametrize(
+    "data, rule",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a readable"),
+        (png_bytes()[:60], "not a readable"),
+        (png_bytes(fmt="JPEG")[:200], "not a readable"),
+        (png_bytes(fmt="GIF"), "not a readable"),
+        (b"\0" * (20 * 1024 * 1024 + 1), "at most 20 MB"),
+        ("data:image/png;base64,xxx", "must be a PNG"),
+    ],
+)
+def test_bad_images(data, rule):
+    with pytest.raises(RequestError, match=rule) as error:
+        check_image(data)
+    assert error.value.field == "image"
+
+
+def test_decompression_bomb_header_is_refused_before_decoding():
+    png = bytearray(png_bytes((1, 1)))
+    png[16:24] = (100000).to_bytes(4, "big") * 2  # IHDR width and height
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")  # a valid IHDR checksum for the lie
+    with pytest.raises(RequestError, match="at most 40 megapixels"):
+        check_image(bytes(png))
+    with pytest.raises(RequestError, match="at most 40 megapixels"):
+        check_image(Image.new("1", (8000, 5001)))
+
+
+def test_random_seed_is_drawn_and_batch_seeds_follow(registry):
+    request = parse(registry, seed=-1, batch_size=3).with_seed()
+    assert 0 <= request.seed <= MAX_SEED
+    assert request.image_seeds() == [(request.seed + i) % 2**32 for i in range(3)]
+    assert parse(registry, seed=MAX_SEED, batch_size=2).image_seeds() == [MAX_SEED, 0]

@@ -1,0 +1,68 @@
+import dataclasses
+import threading
+
+import pytest
+from PIL import Image
+
+from dreamsketch.engine import GenerationCancelled
+from dreamsketch.gallery import meta_from_parameters, read_parameters
+from dreamsketch.request import RequestError
+from dreamsketch.studio import Studio, StudioBusy
+
+
+@pytest.fixture
+def studio(settings):
+    return Studio(settings)
+
+
+def test_generation_lands_in_the_gallery_with_its_parameters(studio):
+    request = studio.parse({"prompt": "a fox", "negative_prompt": "blur", "seed": 11, "batch_size": 2}, "txt2img")
+    result = studio.generate(request)
+    assert [entry.meta.seed for entry in result.entries] == [11, 12]
+    assert [entry.id for entry in studio.gallery.list()] == [result.entries[1].id, result.entries[0].id]
+    image = Image.open(studio.gallery.folder / result.entries[0].file_name)
+    meta = meta_from_parameters(read_parameters(image))
+    assert meta == result.entries[0].meta
+    assert (meta.prompt, meta.negative_prompt, meta.steps, meta.scheduler) == ("a fox", "blur", 4, "Euler a")
+
+
+def test_refused_and_cancelled_requests_write_nothing(studio):
+    with pytest.raises(RequestError):
+        studio.parse({"prompt": "x", "steps": 0}, "txt2img")
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        studio.generate(studio.parse({"prompt": "x"}, "txt2img"), cancel=cancel)
+    assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
+
+
+def test_busy_when_the_queue_is_full(settings):
+    studio = Studio(dataclasses.replace(settings, queue_size=1))
+    started, release = threading.Event(), threading.Event()
+
+    def hold(step):
+        started.set()
+        release.wait(30)
+
+    request = studio.parse({"prompt": "x", "steps": 2}, "txt2img")
+    running = threading.Thread(target=studio.generate, args=(request, hold))
+    running.start()
+    started.wait(30)
+    waiting = threading.Thread(target=studio.generate, args=(request,))
+    waiting.start()
+    while studio.pending < 2:
+        threading.Event().wait(0.01)
+    with pytest.raises(StudioBusy, match="busy"):
+        studio.generate(request)
+    release.set()
+    running.join(30)
+    waiting.join(30)
+    assert studio.pending == 0 and studio.gallery.count() == 2
+
+
+def test_models_and_status(studio):
+    models = {m["id"]: m for m in studio.models()}
+    assert models["tiny-demo"]["available"] and not models["uncached-hub"]["available"]
+    status = studio.status()
+    assert status["device"] == "cpu" and status["gpu"] is None and status["default_model"] == "tiny-demo"
+    assert {"torch", "diffusers", "transformers", "gradio", "dreamsketch"} <= set(status["versions"])
