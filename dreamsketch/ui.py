@@ -1,0 +1,766 @@
+"""The Gradio Blocks app: wires events to the Studio (validation: studio.parse; generation: studio.generate).
+
+Two kinds of generation events share one queue slot ("gpu", concurrency 1):
+- the stable API endpoints `/txt2img` and `/img2img` (gradio_client, MCP), whose parameter names are fixed;
+- the browser's Generate buttons, which stream a live preview (private, not in the API).
+Both run studio.generate in a worker thread; steps come back through an asyncio queue to report progress, and a
+cancelled Gradio task sets the threading.Event that the engine checks after every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import html
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from dreamsketch.engine import GenerationCancelled, GenerationError, Step
+from dreamsketch.gallery import GalleryEntry, format_parameters, parse_parameters, read_parameters
+from dreamsketch.pipelines import ModelUnavailableError
+from dreamsketch.request import MAX_BATCH, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Mode
+from dreamsketch.schedulers import SCHEDULERS
+from dreamsketch.studio import Studio, StudioBusy, StudioResult
+
+log = logging.getLogger(__name__)
+
+GPU_QUEUE = "gpu"
+DEFAULT_SCHEDULER = "Default"
+GALLERY_PAGE = 24
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}
+USER_ERRORS = (ValueError, ModelUnavailableError, GenerationError, StudioBusy)  # RequestError is a ValueError
+SUGGESTED_PROMPTS = [
+    "a lighthouse on a cliff at sunset, dramatic clouds, oil painting",
+    "a cozy reading nook with a cat, warm light, watercolor",
+    "isometric city block at night, neon signs, rain, detailed",
+    "portrait of an astronaut in a sunflower field, 35mm photo",
+    "a red fox in fresh snow, morning mist, wildlife photography",
+]
+THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo")
+CSS = """
+.ds-preview img { image-rendering: pixelated; }
+.ds-header { margin-bottom: 0; }
+"""
+FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a generation off the event loop
+
+
+@dataclass
+class Progressed:
+    step: int
+    total: int
+    preview: Image.Image | None
+
+
+@dataclass
+class _Done:
+    outcome: StudioResult | BaseException
+
+
+Generate = Callable[..., StudioResult]
+
+
+def zero_gpu(generate: Generate) -> Generate:
+    """On a ZeroGPU Space, run generation under spaces.GPU with a duration estimated from the request."""
+    if not os.environ.get("SPACES_ZERO_GPU"):
+        return generate
+    import spaces  # only present on Spaces
+
+    def duration(request: Any, *args: Any, **kwargs: Any) -> int:
+        megapixels = request.width * request.height / 1_000_000
+        return int(min(300, 20 + request.steps * request.batch_size * megapixels * 0.4))
+
+    return spaces.GPU(duration=duration)(generate)  # type: ignore[no-any-return]
+
+
+async def run_generation(generate: Generate, request: Any, previews: bool) -> AsyncIterator[Progressed | StudioResult]:
+    """Yield Progressed items (coalesced to the latest), then the StudioResult; a cancelled consumer stops the work."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Progressed | _Done] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def put(item: Progressed | _Done) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            cancel.set()
+
+    def on_step(step: Step) -> None:
+        put(Progressed(step.step, step.total, step.preview() if previews else None))
+
+    def work() -> None:
+        try:
+            put(_Done(generate(request, on_step=on_step, cancel=cancel)))
+        except BaseException as exc:  # handed to the consumer, which decides what the user sees
+            put(_Done(exc))
+
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(work,), name="dreamsketch-generate", daemon=True).start()
+    try:
+        while True:
+            item = await items.get()
+            while isinstance(item, Progressed) and not items.empty():
+                item = items.get_nowait()
+            if isinstance(item, Progressed):
+                yield item
+                continue
+            if isinstance(item.outcome, BaseException):
+                raise item.outcome
+            yield item.outcome
+            return
+    finally:
+        cancel.set()
+
+
+def error(message: str) -> gr.Error:
+    """A message for the page (Gradio renders it as HTML, so it is escaped), without a server-side traceback."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+def user_error(exc: BaseException) -> gr.Error:
+    """What the page shows: our own messages for expected failures, a generic one (logged here) otherwise."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, USER_ERRORS):
+        return error(str(exc))
+    if isinstance(exc, GenerationCancelled):
+        return error("Cancelled.")
+    log.error("generation failed", exc_info=exc)
+    return error("Generation failed unexpectedly; the server log has the details.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values between the Studio and the components
+
+
+def request_fields(mode: Mode, values: dict[str, Any]) -> dict[str, Any]:
+    """Component values -> studio.parse fields ("Default" scheduler -> None; image path -> its bytes)."""
+    fields = {name: values.get(name) for name in (*FORM_FIELDS, "scheduler", "batch_size")}
+    if fields["scheduler"] in (DEFAULT_SCHEDULER, ""):
+        fields["scheduler"] = None
+    if mode == "img2img":
+        fields["strength"] = values.get("strength")
+        fields["image"] = read_upload(values.get("image"))
+    return fields
+
+
+def read_upload(path: Any) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        raise error("field 'image': the uploaded file could not be read; upload it again") from None
+
+
+def entry_path(studio: Studio, entry: GalleryEntry) -> str:
+    return str(studio.gallery.folder / entry.file_name)
+
+
+def result_gallery(studio: Studio, result: StudioResult) -> list[tuple[str, str]]:
+    return [(entry_path(studio, e), f"seed {e.meta.seed}") for e in result.entries]
+
+
+def result_info(result: StudioResult) -> dict[str, Any]:
+    request = result.generation.request
+    parameters: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "model_id": request.model_id,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+        "scheduler": result.generation.scheduler,
+        "batch_size": request.batch_size,
+    }
+    if request.strength is not None:
+        parameters["strength"] = request.strength
+    return {
+        "ids": [e.id for e in result.entries],
+        "seeds": [e.meta.seed for e in result.entries],
+        "file_names": [e.file_name for e in result.entries],
+        "parameters": parameters,
+        "warnings": list(result.warnings),
+    }
+
+
+def model_choices(studio: Studio) -> list[tuple[str, str]]:
+    def state(model: dict[str, Any]) -> str:
+        if model["loaded"]:
+            return "loaded"
+        return "ready offline" if model["available"] else "needs download"
+
+    return [(f"{m['name']} · {state(m)}", m["id"]) for m in studio.models()]
+
+
+def model_defaults(studio: Studio, model_id: str) -> tuple[int, int, int, float]:
+    spec = studio.registry.get(model_id)
+    return spec.width, spec.height, spec.steps, spec.guidance_scale
+
+
+def form_values(parameters: dict[str, Any], studio: Studio) -> list[Any]:
+    """Updates for the form fields (FORM_FIELDS + scheduler) from request-style parameters; gr.skip() where absent."""
+    values: list[Any] = []
+    for name in FORM_FIELDS:
+        value = parameters.get(name)
+        if name == "model_id" and value not in studio.registry:
+            if value is not None:
+                gr.Warning(
+                    html.escape(f"Model '{value}' is not in this registry; the model is unchanged.", quote=False)
+                )
+            value = None
+        values.append(gr.skip() if value is None else value)
+    scheduler = parameters.get("scheduler")
+    values.append(scheduler if scheduler in SCHEDULERS else DEFAULT_SCHEDULER)
+    return values
+
+
+def a1111_to_parameters(parsed: dict[str, Any]) -> dict[str, Any]:
+    """parse_parameters() keys -> request field names."""
+    names = {"model": "model_id", "cfg_scale": "guidance_scale", "sampler": "scheduler"}
+    return {names.get(key, key): value for key, value in parsed.items() if key != "extra"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Event handlers (bound to one Studio)
+
+
+class Handlers:
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self.generate = zero_gpu(studio.generate)
+
+    async def _run(self, mode: Mode, fields: dict[str, Any], progress: gr.Progress) -> tuple[list, dict]:
+        try:
+            request = self.studio.parse(fields, mode)
+            result = None
+            async for item in run_generation(self.generate, request, previews=False):
+                if isinstance(item, Progressed):
+                    progress((item.step, item.total), desc="Denoising", unit="steps")
+                else:
+                    result = item
+        except Exception as exc:
+            raise user_error(exc) from None
+        assert result is not None
+        return result_gallery(self.studio, result), result_info(result)
+
+    async def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        model_id: str,
+        width: float,
+        height: float,
+        steps: float,
+        guidance_scale: float,
+        seed: float,
+        scheduler: str,
+        batch_size: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio finds the tracker by its default value)
+    ) -> tuple[list, dict]:
+        """Generate images from a text prompt with a Stable Diffusion model; the images are saved to the gallery.
+
+        Args:
+            prompt: What the image should show (at most 2,000 characters; past 77 tokens is reported as a warning).
+            negative_prompt: What the image should not show ("" for none).
+            model_id: A model id from the registry (see the Models tab or GET /api/models/).
+            width: Image width in pixels: a multiple of 8 from 64 to 2048 (default: the model's native width).
+            height: Image height in pixels: a multiple of 8 from 64 to 2048 (default: the model's native height).
+            steps: Denoising steps, 1 to 150.
+            guidance_scale: Classifier-free guidance scale, 0 to 30.
+            seed: Random seed, 0 to 4294967295; -1 picks one (the seed used is returned).
+            scheduler: "Default" (the model's own) or one of Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, LMS, Heun, PNDM.
+            batch_size: Number of images, 1 to 8 (seeds seed, seed+1, ...).
+        Returns:
+            The images (captioned with their seeds) and an info dict with their gallery ids, seeds, file names, the parameters used and any warnings.
+        """  # noqa: E501
+        fields = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            model_id=model_id,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            batch_size=batch_size,
+        )
+        return await self._run("txt2img", request_fields("txt2img", fields), progress)
+
+    async def img2img(
+        self,
+        image: str | None,
+        prompt: str,
+        negative_prompt: str,
+        model_id: str,
+        strength: float,
+        width: float,
+        height: float,
+        steps: float,
+        guidance_scale: float,
+        seed: float,
+        scheduler: str,
+        batch_size: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> tuple[list, dict]:
+        """Transform an input image following a text prompt; the images are saved to the gallery.
+
+        Args:
+            image: The input image (PNG, JPEG or WebP, at most 20 MB and 40 megapixels); it is resized to width x height.
+            prompt: What the image should show.
+            negative_prompt: What the image should not show ("" for none).
+            model_id: A model id from the registry.
+            strength: How much to change the image: more than 0, at most 1 (0.6 is a good start).
+            width: Output width in pixels: a multiple of 8 from 64 to 2048.
+            height: Output height in pixels: a multiple of 8 from 64 to 2048.
+            steps: Denoising steps, 1 to 150 (img2img runs about steps x strength of them).
+            guidance_scale: Classifier-free guidance scale, 0 to 30.
+            seed: Random seed, 0 to 4294967295; -1 picks one.
+            scheduler: "Default" (the model's own) or an A1111 sampler name such as "Euler a" or "DPM++ 2M Karras".
+            batch_size: Number of images, 1 to 8.
+        Returns:
+            The images (captioned with their seeds) and an info dict with their gallery ids, seeds, file names, the parameters used and any warnings.
+        """  # noqa: E501
+        fields = dict(
+            image=image,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            model_id=model_id,
+            strength=strength,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            batch_size=batch_size,
+        )
+        return await self._run("img2img", request_fields("img2img", fields), progress)
+
+    async def stream(
+        self, mode: Mode, values: dict[str, Any], progress: gr.Progress
+    ) -> AsyncIterator[tuple[Any, Any, Any]]:
+        """The browser's Generate: live preview every step, then the results."""
+        try:
+            request = self.studio.parse(request_fields(mode, values), mode)
+            progress((0, request.steps), desc="Waiting for the GPU", unit="steps")
+            async for item in run_generation(self.generate, request, previews=True):
+                if isinstance(item, Progressed):
+                    progress((item.step, item.total), desc="Denoising", unit="steps")
+                    preview = item.preview.resize((request.width, request.height)) if item.preview else gr.skip()
+                    yield preview, gr.skip(), gr.skip()
+                else:
+                    for warning in item.warnings:
+                        gr.Warning(html.escape(warning, quote=False))
+                    first = item.generation.images[0] if item.generation.images else gr.skip()
+                    yield first, result_gallery(self.studio, item), result_info(item)
+        except Exception as exc:
+            raise user_error(exc) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass
+class Form:
+    """One generation tab's components."""
+
+    mode: Mode
+    fields: dict[str, Any] = field(default_factory=dict)  # API order
+    generate: gr.Button | None = None
+    cancel: gr.Button | None = None
+    preview: gr.Image | None = None
+    results: gr.Gallery | None = None
+    info: gr.JSON | None = None
+    send: gr.Button | None = None
+    reuse: gr.Button | None = None
+    selected: gr.State | None = None
+
+    def restorable(self) -> list[Any]:
+        return [self.fields[name] for name in (*FORM_FIELDS, "scheduler")]
+
+
+def build_form(studio: Studio, mode: Mode) -> Form:
+    form = Form(mode)
+    width, height, steps, guidance = model_defaults(studio, studio.default_model)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=320):
+            if mode == "img2img":
+                form.fields["image"] = gr.Image(
+                    label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=280
+                )
+            form.fields["prompt"] = gr.Textbox(
+                label="Prompt", lines=3, max_length=2000, placeholder="Describe the image"
+            )
+            form.fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, max_length=2000)
+            if mode == "txt2img":
+                gr.Examples([[p] for p in SUGGESTED_PROMPTS], inputs=[form.fields["prompt"]], label="Suggested prompts")
+            form.fields["model_id"] = gr.Dropdown(model_choices(studio), value=studio.default_model, label="Model")
+            if mode == "img2img":
+                form.fields["strength"] = gr.Slider(0.01, 1.0, value=0.6, step=0.01, label="Strength (denoising)")
+            with gr.Row():
+                form.fields["width"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=width, step=8, label="Width")
+                form.fields["height"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=height, step=8, label="Height")
+            with gr.Row():
+                form.fields["steps"] = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps")
+                form.fields["guidance_scale"] = gr.Slider(0, MAX_GUIDANCE, value=guidance, step=0.5, label="Guidance")
+            with gr.Row():
+                form.fields["seed"] = gr.Number(
+                    -1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED
+                )
+                form.fields["scheduler"] = gr.Dropdown(
+                    [DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER, label="Scheduler"
+                )
+                form.fields["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+            with gr.Row():
+                form.generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
+                form.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
+        with gr.Column(scale=4, min_width=320):
+            form.preview = gr.Image(label="Live preview", interactive=False, height=256, elem_classes="ds-preview")
+            form.results = gr.Gallery(
+                label="Results", columns=2, height=360, interactive=False, elem_id=f"{mode}-results", type="filepath"
+            )
+            with gr.Row():
+                form.send = gr.Button("Send to img2img", size="sm")
+                form.reuse = gr.Button("Reuse parameters", size="sm")
+            form.info = gr.JSON(label="Info")
+            form.selected = gr.State(0)
+    return form
+
+
+def api_inputs(studio: Studio, mode: Mode) -> list[Any]:
+    """Hidden, unbounded components for the API endpoints: the Studio checks every value and names the field."""
+    width, height, steps, guidance = model_defaults(studio, studio.default_model)
+    inputs: list[Any] = []
+    if mode == "img2img":
+        inputs.append(gr.Image(label="image", type="filepath", image_mode=None))
+    inputs += [
+        gr.Textbox("", label="prompt"),
+        gr.Textbox("", label="negative_prompt"),
+        gr.Textbox(studio.default_model, label="model_id"),
+    ]
+    if mode == "img2img":
+        inputs.append(gr.Number(0.6, label="strength"))
+    inputs += [
+        gr.Number(width, label="width"),
+        gr.Number(height, label="height"),
+        gr.Number(steps, label="steps"),
+        gr.Number(guidance, label="guidance_scale"),
+        gr.Number(-1, label="seed"),
+        gr.Textbox(DEFAULT_SCHEDULER, label="scheduler"),
+        gr.Number(1, label="batch_size"),
+    ]
+    return inputs
+
+
+def wire_api(studio: Studio, handlers: Handlers) -> None:
+    with gr.Group(visible=False):
+        for mode, fn in (("txt2img", handlers.txt2img), ("img2img", handlers.img2img)):
+            inputs = api_inputs(studio, mode)  # type: ignore[arg-type]
+            outputs = [gr.Gallery(label="images", type="filepath"), gr.JSON(label="info")]
+            trigger = gr.Button(visible=False)
+            trigger.click(
+                fn,
+                inputs=inputs,
+                outputs=outputs,
+                api_name=mode,
+                concurrency_id=GPU_QUEUE,
+                concurrency_limit=1,
+            )
+
+
+def wire_form(form: Form, handlers: Handlers, studio: Studio) -> None:
+    assert form.generate and form.cancel and form.results and form.info and form.selected and form.preview
+    names = {component: name for name, component in form.fields.items()}
+    inputs = set(form.fields.values())
+    mode = form.mode
+
+    async def generate(values: dict[Any, Any], progress: gr.Progress = gr.Progress()):  # noqa: B008
+        async for update in handlers.stream(mode, {names[c]: v for c, v in values.items()}, progress):
+            yield update
+
+    event = form.generate.click(
+        generate,
+        inputs=inputs,
+        outputs=[form.preview, form.results, form.info],
+        concurrency_id=GPU_QUEUE,
+        concurrency_limit=1,
+        show_progress_on=[form.results],
+        **PRIVATE,
+    )
+    form.cancel.click(None, cancels=[event], **PRIVATE)
+    form.fields["model_id"].input(
+        lambda model_id: model_defaults(studio, model_id),
+        inputs=form.fields["model_id"],
+        outputs=[form.fields[n] for n in ("width", "height", "steps", "guidance_scale")],
+        **PRIVATE,
+    )
+
+    def select(evt: gr.SelectData) -> int:
+        return int(evt.index)
+
+    form.results.select(select, outputs=form.selected, **PRIVATE)
+
+
+def reuse_parameters(studio: Studio, info: dict[str, Any] | None, selected: int) -> list[Any]:
+    if not info or "parameters" not in info:
+        raise error("Generate something first; there are no parameters to reuse.")
+    parameters = dict(info["parameters"])
+    seeds = info.get("seeds") or []
+    if seeds:
+        parameters["seed"] = seeds[min(max(selected, 0), len(seeds) - 1)]
+    return form_values(parameters, studio)
+
+
+def selected_image(results: list[Any] | None, selected: int) -> str:
+    if not results:
+        raise error("Generate something first; there is no image to send.")
+    item = results[min(max(selected, 0), len(results) - 1)]
+    return str(item[0] if isinstance(item, list | tuple) else item)
+
+
+def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
+    for form in (t2i, i2i):
+        assert form.reuse and form.send and form.info and form.selected and form.results
+        form.reuse.click(
+            lambda info, selected: reuse_parameters(studio, info, selected),
+            inputs=[form.info, form.selected],
+            outputs=form.restorable(),
+            **PRIVATE,
+        )
+
+        def send(results: list[Any] | None, info: dict[str, Any] | None, selected: int) -> list[Any]:
+            image = selected_image(results, selected)
+            return [image, *reuse_parameters(studio, info, selected), gr.Tabs(selected="img2img")]
+
+        form.send.click(
+            send,
+            inputs=[form.results, form.info, form.selected],
+            outputs=[i2i.fields["image"], *i2i.restorable(), tabs],
+            **PRIVATE,
+        )
+
+
+# -- Gallery tab ------------------------------------------------------------------------------------------------
+
+
+def gallery_page(studio: Studio, page: int) -> tuple[list[tuple[str, str]], list[int], str, int]:
+    total = studio.gallery.count()
+    pages = max(1, -(-total // GALLERY_PAGE))
+    page = min(max(page, 0), pages - 1)
+    entries = studio.gallery.list(limit=GALLERY_PAGE, offset=page * GALLERY_PAGE)
+    images = [(entry_path(studio, e), f"#{e.id} · seed {e.meta.seed}") for e in entries]
+    label = f"Page {page + 1} of {pages} · {total} image{'s' if total != 1 else ''}"
+    return images, [e.id for e in entries], label, page
+
+
+def entry_details(studio: Studio, entry_id: int | None) -> tuple[str, dict[str, Any] | None]:
+    entry = studio.gallery.get(entry_id) if entry_id is not None else None
+    if entry is None:
+        return "", None
+    return format_parameters(entry.meta), entry.to_dict()
+
+
+def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.State, list[Any], Callable[..., Any]]:
+    page = gr.State(0)
+    ids = gr.State([])
+    chosen = gr.State(None)
+    with gr.Row():
+        prev_btn = gr.Button("◀ Newer", size="sm")
+        label = gr.Markdown(elem_id="gallery-page-label")
+        next_btn = gr.Button("Older ▶", size="sm")
+        refresh = gr.Button("Refresh", size="sm")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=320):
+            grid = gr.Gallery(label="Gallery", columns=4, height=520, interactive=False, elem_id="gallery-grid")
+        with gr.Column(scale=2, min_width=300):
+            params_text = gr.Textbox(label="Parameters", lines=5, interactive=False, buttons=["copy"])
+            details = gr.JSON(label="Details")
+            with gr.Row():
+                restore = gr.Button("Reuse in Text to image", size="sm")
+                delete = gr.Button("Delete", variant="stop", size="sm")
+    with gr.Accordion("PNG info: read the parameters of any PNG", open=False), gr.Row(equal_height=False):
+        png = gr.Image(label="Drop a PNG", type="filepath", image_mode=None, sources=["upload"], height=260)
+        with gr.Column(min_width=300):
+            png_text = gr.Textbox(label="Parameters text", lines=5, interactive=False)
+            png_parsed = gr.JSON(label="Parsed")
+            png_restore = gr.Button("Send to Text to image", size="sm")
+
+    def show(page_number: int):  # type: ignore[no-untyped-def]
+        images, entry_ids, text, page_number = gallery_page(studio, page_number)
+        return images, entry_ids, text, page_number, None, "", None
+
+    page_outputs = [grid, ids, label, page, chosen, params_text, details]
+    prev_btn.click(lambda p: show(p - 1), inputs=page, outputs=page_outputs, **PRIVATE)
+    next_btn.click(lambda p: show(p + 1), inputs=page, outputs=page_outputs, **PRIVATE)
+    refresh.click(show, inputs=page, outputs=page_outputs, **PRIVATE)
+
+    def select(entry_ids: list[int], evt: gr.SelectData):  # type: ignore[no-untyped-def]
+        entry_id = entry_ids[evt.index] if 0 <= evt.index < len(entry_ids) else None
+        return (entry_id, *entry_details(studio, entry_id))
+
+    grid.select(select, inputs=ids, outputs=[chosen, params_text, details], **PRIVATE)
+
+    def remove(entry_id: int | None, page_number: int):  # type: ignore[no-untyped-def]
+        if entry_id is None:
+            raise error("Select an image first.")
+        if studio.gallery.delete(entry_id):
+            gr.Info(f"Deleted image #{entry_id}.")
+        return show(page_number)
+
+    delete.click(remove, inputs=[chosen, page], outputs=page_outputs, **PRIVATE)
+
+    def restore_entry(text: str):  # type: ignore[no-untyped-def]
+        if not text:
+            raise error("Select an image first.")
+        return [*form_values(a1111_to_parameters(parse_parameters(text)), studio), gr.Tabs(selected="txt2img")]
+
+    restore.click(restore_entry, inputs=params_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
+    png.change(png_info, inputs=png, outputs=[png_text, png_parsed], **PRIVATE)
+    png_restore.click(restore_entry, inputs=png_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
+    return page, page_outputs, show
+
+
+def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
+    if not path:
+        return "", None
+    try:
+        with Image.open(path) as image:
+            text = read_parameters(image)
+    except (OSError, ValueError):
+        raise error("Not a readable image.") from None
+    if text is None:
+        gr.Info("This image has no A1111 'parameters' metadata.")
+        return "", None
+    return text, parse_parameters(text)
+
+
+# -- Models & status, Docs --------------------------------------------------------------------------------------
+
+MODEL_COLUMNS = ["id", "name", "family", "width", "height", "steps", "guidance_scale", "loaded", "available"]
+
+
+def status_values(studio: Studio):  # type: ignore[no-untyped-def]
+    models = studio.models()
+    rows = [[m[c] for c in MODEL_COLUMNS] for m in models]
+    choices = model_choices(studio)
+    return studio.status(), rows, gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
+
+
+DOCS = """
+## Use DreamSketch from code
+
+The same server answers the browser, `gradio_client`, plain HTTP and MCP.
+
+### Python (`pip install gradio_client`)
+
+```python
+from gradio_client import Client, handle_file
+
+client = Client("{url}")            # auth: Client(url, auth=("user", "password"))
+images, info = client.predict(
+    prompt="a lighthouse at sunset, oil painting",
+    negative_prompt="blurry",
+    model_id="{model}",
+    width={width}, height={height}, steps={steps}, guidance_scale={guidance},
+    seed=-1, scheduler="Default", batch_size=1,
+    api_name="/txt2img",
+)
+print(info["seeds"], images[0]["image"])   # local path of the first PNG
+
+job = client.submit(prompt="a red fox in snow", api_name="/txt2img")
+print(job.status().progress_data)           # steps done so far; job.cancel() stops it
+
+images, info = client.predict(
+    image=handle_file("input.png"), prompt="the same, as a watercolor", strength=0.6,
+    api_name="/img2img",
+)
+```
+
+Parameters left out take the defaults shown in the form. Errors name the field,
+e.g. `field 'width': must be a multiple of 8 (got 500)`.
+
+### HTTP (curl)
+
+```bash
+curl {url}/api/models/
+curl -X POST {url}/api/txt2img/ -H 'Content-Type: application/json' \\
+     -d '{{"prompt": "a lighthouse at sunset", "steps": 20, "seed": 42}}'
+curl -X POST {url}/api/img2img/ -F image=@input.png -F prompt="watercolor" -F strength=0.6
+curl '{url}/api/results/?limit=5'
+```
+
+Replies are `{{"status": "success", "result": {{"id", "url", "seed", ...}}}}`; the PNG is at `result.url`.
+OpenAPI: [{url}/api/openapi.json]({url}/api/openapi.json). With `DREAMSKETCH_AUTH` set, add `-u user:password`.
+
+### MCP (agents)
+
+DreamSketch is an MCP server: the tools `txt2img` and `img2img` are served at
+`{url}/gradio_api/mcp/` (streamable HTTP) and `{url}/gradio_api/mcp/sse` (SSE).
+
+```json
+{{"mcpServers": {{"dreamsketch": {{"url": "{url}/gradio_api/mcp/"}}}}}}
+```
+"""
+
+
+def docs_markdown(studio: Studio) -> str:
+    width, height, steps, guidance = model_defaults(studio, studio.default_model)
+    host = studio.settings.server_name
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return DOCS.format(
+        url=f"http://{host}:{studio.settings.server_port}",
+        model=studio.default_model,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_demo(studio: Studio) -> gr.Blocks:
+    handlers = Handlers(studio)
+    with gr.Blocks(title="DreamSketch") as demo:
+        gr.Markdown("# DreamSketch\nText-to-image and image-to-image on your own machine.", elem_classes="ds-header")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id="txt2img"):
+                t2i = build_form(studio, "txt2img")
+            with gr.Tab("Image to image", id="img2img"):
+                i2i = build_form(studio, "img2img")
+            with gr.Tab("Gallery", id="gallery") as gallery_tab:
+                page, page_outputs, show_page = build_gallery_tab(studio, t2i, tabs)
+            with gr.Tab("Models & status", id="status") as status_tab:
+                status_json = gr.JSON(label="Status")
+                models_table = gr.Dataframe(headers=MODEL_COLUMNS, label="Models", interactive=False, wrap=True)
+                refresh_status = gr.Button("Refresh", size="sm")
+            with gr.Tab("Docs", id="docs"):
+                gr.Markdown(docs_markdown(studio))
+        wire_api(studio, handlers)
+        for form in (t2i, i2i):
+            wire_form(form, handlers, studio)
+        wire_transfers(studio, t2i, i2i, tabs)
+
+        status_outputs = [status_json, models_table, t2i.fields["model_id"], i2i.fields["model_id"]]
+        refresh_status.click(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
+        status_tab.select(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
+        gallery_tab.select(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
+        demo.load(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
+    return demo
