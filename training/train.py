@@ -1,0 +1,279 @@
+"""Train tiny-shapes: a small Stable Diffusion pipeline that draws the scenes of training/shapes.py.
+
+    .venv/bin/python -m training.train    # the shipped model: about 30 minutes on 2 busy CPU cores
+
+Phase 1 trains the VAE (64x64 pictures <-> 4x16x16 latents), phase 2 the text encoder and the UNet
+(epsilon prediction, 10% empty captions for classifier-free guidance). Every batch, noise and timestep
+comes from (seed, phase, step), so a run is reproducible and resumes from its last checkpoint
+(training/runs/<run>/checkpoint.pt) exactly. The loss log is training/runs/<run>/loss.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dreamsketch.tiny import END, MAX_TOKENS, START, byte_characters
+from training import shapes
+
+BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+CAPTION_DROPOUT = 0.1
+KL_WEIGHT = 1e-5
+CHECKPOINT_EVERY = 100
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merging of one word, with the given merge ranks."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while True:
+        pairs = [(ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:], strict=False))]
+        rank, i = min(pairs, default=(math.inf, 0))
+        if rank == math.inf:
+            return pieces
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer where every grammar word is one token; other text falls back to characters."""
+    merges: list[tuple[str, str]] = []
+    for word in shapes.vocabulary():
+        pieces = _bpe(word, {pair: rank for rank, pair in enumerate(merges)})
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces[:2] = [pieces[0] + pieces[1]]
+    chars = byte_characters()
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + [START, END]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+
+
+def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=shapes.SIZE,
+        mid_block_add_attention=False,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=shapes.SIZE // 4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    return vae, text_encoder, unet
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def batch(scenes: list[shapes.Scene], size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    images, captions = shapes.sample(scenes, size, seed)
+    return to_tensor(images), captions
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class Run:
+    """Checkpoint, loss log and timing of one training run (training/runs/<name>)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = folder / "checkpoint.pt"
+        self.log = folder / "loss.csv"
+        self.rows: list[list] = []
+        self.state: dict = {"phase": "vae", "step": 0, "seconds": 0.0}
+        if self.checkpoint.exists():
+            self.state = torch.load(self.checkpoint, weights_only=False)
+        self.started = time.monotonic() - self.state["seconds"]
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def save(self, **state) -> None:
+        """Write the checkpoint atomically, then the loss rows logged since the last one."""
+        self.state = {**state, "seconds": self.seconds()}
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(self.state, tmp)
+        tmp.replace(self.checkpoint)
+        new = not self.log.exists()
+        with self.log.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["phase", "step", "loss", "lr", "seconds"])
+            writer.writerows(self.rows)
+        self.rows = []
+
+
+def train_phase(run: Run, name: str, models: dict, frozen: dict, steps: int, lr: float, loss_fn: Callable) -> None:
+    """Train `models` for `steps` steps of `loss_fn(step) -> loss`, resumably; checkpoints also hold `frozen`."""
+    params = [p for m in models.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    start = 0
+    if run.state["phase"] == name:
+        start = run.state["step"]
+        if start:
+            for key, model in models.items():
+                model.load_state_dict(run.state["models"][key])
+            optimizer.load_state_dict(run.state["optimizer"])
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
+    for step in bar:
+        step_lr = cosine_lr(step, steps, lr)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        loss = loss_fn(step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        run.rows.append([name, step + 1, f"{loss.item():.5f}", f"{step_lr:.2e}", f"{run.seconds():.0f}"])
+        if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
+            states = {key: model.state_dict() for key, model in {**models, **frozen}.items()}
+            run.save(phase=name, step=step + 1, models=states, optimizer=optimizer.state_dict())
+
+
+def train_vae(run: Run, vae: AutoencoderKL, scenes: list[shapes.Scene], args: argparse.Namespace) -> None:
+    def loss_fn(step: int) -> torch.Tensor:
+        images, _ = batch(scenes, args.vae_batch, seed=args.seed * 1_000_003 + step)
+        posterior = vae.encode(images).latent_dist
+        generator = torch.Generator().manual_seed(args.seed + step)
+        decoded = vae.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        return torch.nn.functional.mse_loss(decoded, images) + KL_WEIGHT * kl
+
+    if run.state["phase"] == "vae":
+        train_phase(run, "vae", {"vae": vae}, {}, args.vae_steps, args.vae_lr, loss_fn)
+    else:
+        vae.load_state_dict(run.state["models"]["vae"])
+
+
+def latent_scale(vae: AutoencoderKL, scenes: list[shapes.Scene], seed: int) -> float:
+    """1 / the standard deviation of the latents, so that the UNet sees unit-variance latents."""
+    images, _ = batch(scenes, 512, seed)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(seed))
+    return 1 / latents.std().item()
+
+
+def train_unet(
+    run: Run,
+    models: tuple[CLIPTokenizer, AutoencoderKL, CLIPTextModel, UNet2DConditionModel],
+    scenes: list[shapes.Scene],
+    args: argparse.Namespace,
+) -> None:
+    tokenizer, vae, text_encoder, unet = models
+    noise_scheduler = DDPMScheduler(**BETAS)
+    scale = vae.config.scaling_factor
+
+    def loss_fn(step: int) -> torch.Tensor:
+        seed = args.seed * 1_000_003 + 500_000 + step
+        images, captions = batch(scenes, args.batch, seed)
+        generator = torch.Generator().manual_seed(seed)
+        drop = torch.rand(len(captions), generator=generator) < CAPTION_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, text_encoder(ids).last_hidden_state).sample
+        return torch.nn.functional.mse_loss(prediction, noise)
+
+    trainable = {"text_encoder": text_encoder, "unet": unet}
+    train_phase(run, "unet", trainable, {"vae": vae}, args.unet_steps, args.unet_lr, loss_fn)
+
+
+def assemble(
+    tokenizer: CLIPTokenizer, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    scheduler = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="tiny-shapes", help="run name: checkpoints in training/runs/<run>")
+    parser.add_argument("--out", default="models/tiny-shapes", help="where the diffusers folder is saved")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Run(Path(__file__).parent / "runs" / args.run)
+    (run.folder / "args.json").write_text(json.dumps(vars(args), indent=2))
+    scenes, _ = shapes.split_scenes()
+    tokenizer = build_tokenizer()
+    vae, text_encoder, unet = build_models(tokenizer)
+    train_vae(run, vae, scenes, args)
+    vae.requires_grad_(False).eval()
+    vae.register_to_config(scaling_factor=latent_scale(vae, scenes, args.seed))
+    train_unet(run, (tokenizer, vae, text_encoder, unet), scenes, args)
+    assemble(tokenizer, vae, text_encoder, unet).save_pretrained(args.out, safe_serialization=True)
+    summary = {"seconds": round(run.seconds()), "scaling_factor": vae.config.scaling_factor, **vars(args)}
+    (run.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"saved {args.out} after {summary['seconds'] / 60:.1f} minutes of training")
+
+
+if __name__ == "__main__":
+    main()
