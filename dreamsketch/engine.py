@@ -74,12 +74,54 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
+MAX_BATCH_IMAGES = 8  # concurrent requests are merged into one pipeline call up to this many images
+
+
+@dataclass
+class _Job:
+    """One caller's request while it waits for, or runs on, the device."""
+
+    request: GenerationRequest
+    on_step: StepCallback | None
+    cancel: threading.Event | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Generation | None = None
+    error: BaseException | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def finish(self, result: Generation | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+def batch_key(request: GenerationRequest) -> tuple[Any, ...]:
+    """Requests with equal keys can share one pipeline call."""
+    return (
+        request.model_id,
+        request.mode,
+        request.width,
+        request.height,
+        request.steps,
+        request.guidance_scale,
+        request.scheduler,
+        request.strength,
+    )
+
+
 class LocalEngine:
-    """Pipelines on this machine: one generation per device at a time, any number of callers."""
+    """Pipelines on this machine: one pipeline call per device at a time, any number of callers.
+
+    Callers that wait while the device is busy are merged: whoever gets the device next runs its own
+    request together with every waiting request of the same batch_key, and hands each its own images."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.cache = PipelineCache(settings, registry)
         self.lock = threading.Lock()
+        self._waiting: list[_Job] = []
+        self._waiting_lock = threading.Lock()
 
     def preload(self, model_id: str) -> None:
         with self.lock:
@@ -91,65 +133,116 @@ class LocalEngine:
     def generate(
         self, request: GenerationRequest, on_step: StepCallback | None = None, cancel: threading.Event | None = None
     ) -> Generation:
-        request = request.with_seed()
-        with self.lock:
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled
-            model = self.cache.get(request.model_id)
-            try:
-                return self._run(model, request, on_step, cancel)
-            except torch.cuda.OutOfMemoryError:
-                free_memory()
-                raise GenerationError(
-                    f"Out of GPU memory at {request.width}x{request.height}, batch {request.batch_size}: "
-                    "lower the size or the batch size and try again."
-                ) from None
+        job = _Job(request.with_seed(), on_step, cancel)
+        with self._waiting_lock:
+            self._waiting.append(job)
+        while not job.done.is_set():
+            with self.lock:
+                if not job.done.is_set():
+                    self._run_batch(self._take_batch(job))
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
 
-    def _run(
-        self,
-        model: LoadedModel,
-        request: GenerationRequest,
-        on_step: StepCallback | None,
-        cancel: threading.Event | None,
-    ) -> Generation:
+    def _take_batch(self, leader: _Job) -> list[_Job]:
+        key = batch_key(leader.request)
+        batch, images = [], 0
+        with self._waiting_lock:
+            for job in [leader] + [j for j in self._waiting if j is not leader]:
+                if job.cancelled:
+                    self._waiting.remove(job)
+                    job.finish(error=GenerationCancelled())
+                elif batch_key(job.request) == key and images + job.request.batch_size <= MAX_BATCH_IMAGES:
+                    self._waiting.remove(job)
+                    batch.append(job)
+                    images += job.request.batch_size
+        return batch
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        request = jobs[0].request
+        try:
+            self._run(self.cache.get(request.model_id), jobs)
+        except torch.cuda.OutOfMemoryError:
+            free_memory()
+            images = sum(job.request.batch_size for job in jobs)
+            for job in jobs:
+                job.finish(
+                    error=GenerationError(
+                        f"Out of GPU memory at {request.width}x{request.height}, {images} images at once: "
+                        "lower the size or the batch size and try again."
+                    )
+                )
+        except GenerationCancelled:
+            for job in jobs:
+                if not job.done.is_set():
+                    job.finish(error=GenerationCancelled())
+        except Exception as exc:
+            for job in jobs:
+                if not job.done.is_set():
+                    job.finish(error=exc)
+
+    def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
+        first = jobs[0].request
         spec = model.spec
-        pipe = model.txt2img if request.image is None else model.img2img
-        name = request.scheduler or spec.scheduler
+        pipe = model.txt2img if first.image is None else model.img2img
+        name = first.scheduler or spec.scheduler
         if name is None:
             pipe.scheduler = type(model.txt2img.scheduler).from_config(model.default_scheduler_config)
             name = scheduler_name(pipe.scheduler)
         else:
             pipe.scheduler = make_scheduler(name, model.default_scheduler_config)
-        seeds = request.image_seeds()
+        spans, start = [], 0
+        for job in jobs:
+            spans.append(slice(start, start + job.request.batch_size))
+            start += job.request.batch_size
 
         def callback(pipeline, step_index, timestep, tensors):  # type: ignore[no-untyped-def]
-            if cancel is not None and cancel.is_set():
+            for job, span in zip(jobs, spans, strict=True):
+                if job.done.is_set():
+                    continue
+                if job.cancelled:
+                    job.finish(error=GenerationCancelled())
+                elif job.on_step is not None:
+                    step = Step(step_index + 1, pipeline.num_timesteps, tensors["latents"][span], spec.family)
+                    try:
+                        job.on_step(step)
+                    except Exception as exc:  # one caller's broken callback fails that caller only
+                        job.finish(error=exc)
+            if all(job.done.is_set() for job in jobs):
                 raise GenerationCancelled
-            if on_step is not None:
-                on_step(Step(step_index + 1, pipeline.num_timesteps, tensors["latents"], spec.family))
             return {}
 
         kwargs: dict[str, Any] = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.batch_size,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            prompt=[job.request.prompt for job in jobs for _ in range(job.request.batch_size)],
+            negative_prompt=[job.request.negative_prompt for job in jobs for _ in range(job.request.batch_size)],
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.image_seeds()],
             output_type="latent",
             callback_on_step_end=callback,
         )
-        if request.image is None:
-            kwargs.update(width=request.width, height=request.height)
+        if first.image is None:
+            kwargs.update(width=first.width, height=first.height)
         else:
+            size = (first.width, first.height)
             kwargs.update(
-                image=request.image.resize((request.width, request.height), Image.Resampling.LANCZOS),
-                strength=request.strength,
+                image=[
+                    job.request.image.resize(size, Image.Resampling.LANCZOS)  # type: ignore[union-attr]
+                    for job in jobs
+                    for _ in range(job.request.batch_size)
+                ],
+                strength=first.strength,
             )
         with torch.inference_mode():
             latents = pipe(**kwargs).images
-            images = decode(pipe, latents, tiled=request.width * request.height > spec.native_area)
-        return Generation(request, images, seeds, name, prompt_warnings(pipe, request))
+            images = decode(pipe, latents, tiled=first.width * first.height > spec.native_area)
+        for job, span in zip(jobs, spans, strict=True):
+            if not job.done.is_set():
+                warnings = prompt_warnings(pipe, job.request)
+                job.finish(Generation(job.request, images[span], job.request.image_seeds(), name, warnings))
 
 
 def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from dreamsketch.config import Settings
+from dreamsketch.fastpath import apply_fast_path, warm_up
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.tiny import build_tiny_pipeline
 
@@ -123,6 +124,7 @@ class PipelineCache:
         self.registry = registry
         self.max_loaded = settings.max_loaded
         self.hf_token = settings.hf_token
+        self.compile = settings.compile
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -152,6 +154,9 @@ class PipelineCache:
         txt2img_class, img2img_class = PIPELINE_CLASSES[spec.family]
         txt2img = self._load_txt2img(spec, txt2img_class).to(self.device)
         txt2img.set_progress_bar_config(disable=True)
+        if self.compile:
+            apply_fast_path(txt2img)
+            warm_up(txt2img, spec.width, spec.height)
         img2img = img2img_class.from_pipe(txt2img, dtype=self.dtype)
         img2img.set_progress_bar_config(disable=True)
         return LoadedModel(spec, txt2img, img2img, txt2img.scheduler.config)

@@ -108,7 +108,7 @@ def parse_request(fields: Mapping[str, Any], registry: Registry, mode: Mode, def
     _check_area(spec, width, height)
 
     scheduler = given.get("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
         raise RequestError("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
 
     image = None
@@ -121,13 +121,16 @@ def parse_request(fields: Mapping[str, Any], registry: Registry, mode: Mode, def
         if strength == 0:
             raise RequestError("strength", "must be more than 0 and at most 1")
 
+    steps = _int(given, "steps", spec.steps, 1, MAX_STEPS)
+    if strength is not None and int(steps * strength) < 1:
+        raise RequestError("strength", f"steps x strength must be at least 1 step (got {steps} x {strength:g})")
     return GenerationRequest(
         prompt=_text(given, "prompt"),
         negative_prompt=_text(given, "negative_prompt"),
         model_id=model_id,
         width=width,
         height=height,
-        steps=_int(given, "steps", spec.steps, 1, MAX_STEPS),
+        steps=steps,
         guidance_scale=_number(given, "guidance_scale", spec.guidance_scale, 0.0, MAX_GUIDANCE),
         seed=_int(given, "seed", -1, -1, MAX_SEED),
         scheduler=scheduler,

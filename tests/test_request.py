@@ -66,7 +66,7 @@ def test_values_inside_the_bounds(registry, field, good):
         ("seed", [-2, MAX_SEED + 1], "from -1 to"),
         ("seed", ["7", 1.5], "whole number"),
         ("batch_size", [0, 9], "from 1 to 8"),
-        ("scheduler", ["Euler A", "euler", "", 3], "must be one of"),
+        ("scheduler", ["Euler A", "euler", "", 3, {}, ["DDIM"]], "must be one of"),
         ("prompt", ["x" * 2001], "at most 2000 characters"),
         ("prompt", [5, ["a"], b"bytes"], "must be a string"),
         ("prompt", ["nul\x00", "bell\x07", "esc\x1b[31m", "del\x7f"], "control characters"),
@@ -107,6 +107,11 @@ def test_img2img_image_and_strength(registry):
     for strength in (0, -0.1, 1.01, math.nan):
         with pytest.raises(RequestError, match="field 'strength'"):
             parse(registry, "img2img", image=png_bytes(), strength=strength)
+    with pytest.raises(
+        RequestError, match=r"field 'strength': steps x strength must be at least 1 step \(got 4 x 0.2\)"
+    ):
+        parse(registry, "img2img", image=png_bytes(), strength=0.2)
+    assert parse(registry, "img2img", image=png_bytes(), strength=0.25).strength == 0.25
     with pytest.raises(RequestError, match="field 'image': required"):
         parse(registry, "img2img", prompt="x")
 
