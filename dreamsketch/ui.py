@@ -589,7 +589,9 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
         with gr.Column(scale=3, min_width=320):
             grid = gr.Gallery(label="Gallery", columns=4, height=520, interactive=False, elem_id="gallery-grid")
         with gr.Column(scale=2, min_width=300):
-            params_text = gr.Textbox(label="Parameters", lines=5, interactive=False, buttons=["copy"])
+            params_text = gr.Textbox(
+                label="Parameters", lines=5, interactive=False, buttons=["copy"], elem_id="gallery-parameters"
+            )
             details = gr.JSON(label="Details")
             with gr.Row():
                 restore = gr.Button("Reuse in Text to image", size="sm")

@@ -1,0 +1,13 @@
+"""DreamSketch entry point: `python app.py` (also what Hugging Face Spaces runs).
+
+Importing this module builds the server (`app`: the FastAPI app with the HTTP API and the Gradio UI; `demo`: the
+Blocks), so `uvicorn app:app` works too."""
+
+from dreamsketch.server import create_server, serve
+from dreamsketch.studio import Studio
+
+studio = Studio()
+app, demo = create_server(studio)
+
+if __name__ == "__main__":
+    serve(studio, app)

@@ -1,0 +1,55 @@
+"""One server, one port: the HTTP API (/api/*, /media/generated/*) with the Gradio app (UI, gradio_client, MCP) at /."""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+from fastapi import FastAPI
+
+from dreamsketch.api import create_app
+from dreamsketch.studio import Studio
+from dreamsketch.ui import CSS, THEME, build_demo
+
+log = logging.getLogger(__name__)
+MAX_UPLOAD = "20mb"  # DESIGN.md: input images at most 20 MB
+
+
+def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
+    """The root FastAPI app (HTTP API first, then Gradio mounted at /) and the Blocks it serves."""
+    studio = studio or Studio()
+    settings = studio.settings
+    app = create_app(studio)
+    demo = build_demo(studio)
+    # Waiting events beyond queue_size get Gradio's "queue is full" error; one generation runs at a time ("gpu").
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
+    app = gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        server_name=settings.server_name,
+        server_port=settings.server_port,
+        auth=settings.auth,
+        auth_message="DreamSketch: sign in with the DREAMSKETCH_AUTH user and password.",
+        allowed_paths=[str(studio.gallery.folder)],
+        max_file_size=MAX_UPLOAD,
+        show_error=True,
+        ssr_mode=False,
+        mcp_server=True,
+        footer_links=["api", "gradio", "settings"],
+        theme=THEME,
+        css=CSS,
+    )
+    return app, demo
+
+
+def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
+    """Run the server (built here unless given) on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT (default 127.0.0.1:7860)."""
+    import uvicorn
+
+    studio = studio or Studio()
+    if app is None:
+        app, _demo = create_server(studio)
+    host, port = studio.settings.server_name, studio.settings.server_port
+    print(f"DreamSketch on http://{host}:{port} (MCP: http://{host}:{port}/gradio_api/mcp/)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,174 @@
+"""The Gradio app as gradio_client users reach it: a real server on a free port, called by keyword."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from gradio_client.utils import QueueError
+from PIL import Image
+
+from dreamsketch.studio import Studio
+from tests.servers import RunningServer, running_server, tiny_settings
+
+FAST = {"model_id": "tiny-demo", "width": 128, "height": 128, "steps": 2}
+SLOW = {"model_id": "tiny-demo", "width": 256, "height": 256, "steps": 150, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ui-client")
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path) -> Iterator[RunningServer]:
+    with running_server(Studio(tiny_settings(folder))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> Iterator[Client]:
+    client = Client(server.url, verbose=False, download_files=str(server.studio.settings.output_dir.parent / "dl"))
+    yield client
+    client.close()
+
+
+def wait_for_progress(job, timeout: float = 30.0) -> list:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = job.status().progress_data
+        if progress:
+            return progress
+        time.sleep(0.05)
+    raise AssertionError("no progress reported")
+
+
+def test_named_endpoints_have_the_documented_parameters(client: Client) -> None:
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {name: [p["parameter_name"] for p in spec["parameters"]] for name, spec in endpoints.items()}
+    assert names == {
+        "/txt2img": [
+            "prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed",
+            "scheduler", "batch_size",
+        ],
+        "/img2img": [
+            "image", "prompt", "negative_prompt", "model_id", "strength", "width", "height", "steps",
+            "guidance_scale", "seed", "scheduler", "batch_size",
+        ],
+    }  # fmt: skip
+
+
+def test_txt2img_by_keyword(client: Client, server: RunningServer) -> None:
+    images, info = client.predict(
+        prompt="a lighthouse", negative_prompt="blurry", seed=1234, batch_size=2, scheduler="Euler", **FAST,
+        guidance_scale=5.0, api_name="/txt2img",
+    )  # fmt: skip
+    assert info["seeds"] == [1234, 1235]
+    assert info["parameters"]["scheduler"] == "Euler" and info["parameters"]["prompt"] == "a lighthouse"
+    assert [item["caption"] for item in images] == ["seed 1234", "seed 1235"]
+    for item, entry_id in zip(images, info["ids"], strict=True):
+        with Image.open(item["image"]) as image:
+            assert image.size == (128, 128)
+        assert server.studio.gallery.get(entry_id) is not None
+
+
+def test_img2img_by_keyword(client: Client, tmp_path: Path) -> None:
+    source = tmp_path / "input.png"
+    Image.new("RGB", (200, 150), "orange").save(source)
+    images, info = client.predict(
+        image=handle_file(str(source)), prompt="a watercolor", strength=0.5, seed=7, **FAST, api_name="/img2img"
+    )
+    assert info["seeds"] == [7] and info["parameters"]["strength"] == 0.5
+    with Image.open(images[0]["image"]) as image:
+        assert image.size == (128, 128)
+
+
+def test_progress_is_reported_while_a_job_runs(client: Client) -> None:
+    job = client.submit(prompt="progress", **(FAST | {"steps": 30}), api_name="/txt2img")
+    progress = wait_for_progress(job)
+    assert progress[0].length == 30 and progress[0].unit == "steps"
+    _images, info = job.result(timeout=60)
+    assert len(info["seeds"]) == 1
+
+
+def test_cancel_stops_the_job_and_the_next_request_succeeds(client: Client, server: RunningServer) -> None:
+    before = server.studio.gallery.count()
+    job = client.submit(prompt="slow", **SLOW, api_name="/txt2img")
+    wait_for_progress(job)
+    assert job.cancel()
+    started = time.monotonic()
+    _images, info = client.predict(prompt="after cancel", **FAST, api_name="/txt2img")
+    assert time.monotonic() - started < 20, "the cancelled generation kept the device"
+    assert server.studio.gallery.count() == before + 1 and info["ids"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"width": 500}, "width"),
+        ({"steps": 0}, "steps"),
+        ({"model_id": "no-such-model"}, "model_id"),
+        ({"scheduler": "Turbo 9000"}, "scheduler"),
+        ({"guidance_scale": 31}, "guidance_scale"),
+    ],
+)
+def test_bad_inputs_name_the_field(client: Client, fields: dict, field: str) -> None:
+    with pytest.raises(AppError, match=f"field '{field}'"):
+        client.predict(prompt="x", **(FAST | fields), api_name="/txt2img")
+
+
+def test_img2img_needs_an_image(client: Client) -> None:
+    with pytest.raises(AppError, match="field 'image'"):
+        client.predict(image=None, prompt="x", **FAST, api_name="/img2img")
+
+
+def test_server_still_answers_after_errors(client: Client, server: RunningServer) -> None:
+    with pytest.raises(AppError):
+        client.predict(prompt="x", steps=0, api_name="/txt2img")
+    assert httpx.get(server.url + "/", timeout=10).status_code == 200
+    _images, info = client.predict(prompt="still fine", **FAST, api_name="/txt2img")
+    assert info["ids"]
+
+
+def test_queue_full_is_an_error(tmp_path: Path) -> None:
+    with running_server(Studio(tiny_settings(tmp_path, queue_size=1))) as busy:
+        client = Client(busy.url, verbose=False, download_files=str(tmp_path / "dl"))
+        running = client.submit(prompt="slow", **SLOW, api_name="/txt2img")
+        wait_for_progress(running)
+        waiting = [client.submit(prompt=f"wait {i}", **FAST, api_name="/txt2img") for i in range(3)]
+        deadline = time.monotonic() + 20
+        while not any(job.done() for job in waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = [job for job in waiting if job.done()]
+        assert refused, "no submission was refused"
+        with pytest.raises(QueueError, match="(?i)queue is full"):
+            refused[0].result()
+        for job in (running, *waiting):
+            job.cancel()
+        client.close()
+
+
+def test_gallery_survives_a_restart(client: Client, folder: Path) -> None:
+    _images, info = client.predict(prompt="remember me", **FAST, api_name="/txt2img")
+    entry_id = info["ids"][0]
+    with running_server(Studio(tiny_settings(folder))) as again:
+        entry = again.studio.gallery.get(entry_id)
+        assert entry is not None and entry.meta.prompt == "remember me"
+        reply = httpx.get(f"{again.url}/api/results/", params={"limit": 5}, timeout=10)
+        assert reply.status_code == 200
+        assert entry_id in [result["id"] for result in reply.json()["results"]]
+
+
+def test_auth_protects_the_app(tmp_path: Path) -> None:
+    with running_server(Studio(tiny_settings(tmp_path, auth=("ada", "s3cret")))) as locked:
+        with pytest.raises(Exception):  # noqa: B017 (gradio_client raises a plain ValueError/AuthenticationError)
+            Client(locked.url, verbose=False)
+        client = Client(locked.url, auth=("ada", "s3cret"), verbose=False, download_files=str(tmp_path / "dl"))
+        _images, info = client.predict(prompt="with auth", **FAST, api_name="/txt2img")
+        assert info["ids"]
+        client.close()
