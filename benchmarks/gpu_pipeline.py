@@ -1,0 +1,344 @@
+"""Plain diffusers against DreamSketch's engine (default and DREAMSKETCH_COMPILE=1), in one process run.
+
+Full-size SD 1.5 (512x512) and SDXL (1024x1024) architectures with random weights (the compute is that of
+real weights), fp16, 30 steps, CFG 7.5, batch 1. Prints one JSON document.
+
+    python benchmarks/gpu_pipeline.py                 # on a CUDA GPU; under 8 minutes on an H100/H200
+    python benchmarks/gpu_pipeline.py --small         # tiny models on the CPU: checks the benchmark itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from dreamsketch.config import Settings
+from dreamsketch.engine import LocalEngine
+from dreamsketch.fastpath import apply_fast_path
+from dreamsketch.pipelines import PIPELINE_CLASSES, LoadedModel
+from dreamsketch.registry import ModelSpec, Registry
+from dreamsketch.request import parse_request
+from dreamsketch.tiny import build_tiny_pipeline, tiny_tokenizer
+
+PEAK_TFLOPS = 790.0  # dense fp16 tensor-core peak of an H100/H200 SXM
+CONCURRENCY = (4, 8)
+
+
+def sd15_pipeline() -> StableDiffusionPipeline:
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    return StableDiffusionPipeline(
+        vae=sd_vae(0.18215),
+        text_encoder=CLIPTextModel(clip_text_config(768, 12, 12, 3072, "quick_gelu")),
+        tokenizer=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl_pipeline() -> StableDiffusionXLPipeline:
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = sd_vae(0.13025)
+    vae.register_to_config(force_upcast=True)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(clip_text_config(768, 12, 12, 3072, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, 5120, "gelu", projection=1280)),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler(),
+    )
+
+
+def clip_text_config(hidden: int, layers: int, heads: int, mlp: int, act: str, projection: int = 768) -> Any:
+    tokenizer = tiny_tokenizer()
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        hidden_act=act,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sd_vae(scaling_factor: float) -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        scaling_factor=scaling_factor,
+    )
+
+
+def scheduler() -> EulerAncestralDiscreteScheduler:
+    return EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+@dataclasses.dataclass
+class Case:
+    model_id: str
+    family: str
+    size: int
+    steps: int
+    build: Callable[[], Any]
+
+
+def cases(small: bool) -> list[Case]:
+    if small:
+        return [Case("tiny-sd15", "sd15", 128, 4, build_tiny_pipeline)]
+    return [Case("sd15", "sd15", 512, 30, sd15_pipeline), Case("sdxl", "sdxl", 1024, 30, sdxl_pipeline)]
+
+
+class UnetTimer:
+    """Time every UNet call with CUDA events (wall clock on the CPU)."""
+
+    def __init__(self, unet: torch.nn.Module, cuda: bool) -> None:
+        self.cuda, self.times_ms, self._start = cuda, [], None
+        self._pending: list[tuple[Any, Any]] = []
+        self._hooks = [
+            unet.register_forward_pre_hook(lambda *_: self._begin()),
+            unet.register_forward_hook(lambda *_: self._end()),
+        ]
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _begin(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            self.times_ms.append((time.perf_counter() - self._start) * 1000)
+
+    def take(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.times_ms += [start.elapsed_time(end) for start, end in self._pending]
+            self._pending = []
+        times, self.times_ms = self.times_ms, []
+        return times
+
+
+def unet_flops(pipe: Any, case: Case, device: torch.device, dtype: torch.dtype) -> int:
+    """FLOPs of one UNet call with CFG (batch 2), counted by torch's flop counter."""
+    latent = case.size // 8
+    sample = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
+    hidden = 2048 if case.family == "sdxl" else pipe.text_encoder.config.hidden_size
+    context = torch.randn(2, 77, hidden, device=device, dtype=dtype)
+    extra = {}
+    if case.family == "sdxl":
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+            "time_ids": torch.randn(2, 6, device=device, dtype=dtype),
+        }
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        pipe.unet(sample, torch.tensor(500, device=device), context, **extra)
+    return counter.get_total_flops()
+
+
+def measure(run: Callable[[], Any], timer: UnetTimer, runs: int, cuda: bool) -> dict[str, Any]:
+    first = timed(run, cuda)
+    timer.take()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    latencies, unet_ms = [], []
+    for _ in range(runs):
+        latencies.append(timed(run, cuda))
+        unet_ms += timer.take()
+    return {
+        "first_call_s": round(first, 3),
+        "latency_p50_s": round(statistics.median(latencies), 4),
+        "latency_all_s": [round(x, 4) for x in latencies],
+        "unet_ms_per_step": round(statistics.median(unet_ms), 3),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+    }
+
+
+def timed(run: Callable[[], Any], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def concurrent_throughput(call: Callable[[int], Any], clients: int, cuda: bool) -> float:
+    """Images per second when `clients` requests arrive at once (after one untimed round: compiles, warm-up)."""
+
+    def round_of_requests() -> None:
+        threads = [threading.Thread(target=call, args=(seed,)) for seed in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    round_of_requests()
+    return clients / timed(round_of_requests, cuda)
+
+
+def engine_for(case: Case, pipe: Any, compile: bool, device: torch.device, backend: str) -> LocalEngine:
+    """A DreamSketch engine holding an already built pipeline (same weights as the plain run)."""
+    spec = ModelSpec(case.model_id, case.model_id, "builtin:tiny", case.family, case.size, case.size, case.steps, 7.5)
+    settings = Settings(device=device.type, compile=compile)
+    engine = LocalEngine(settings, Registry([spec]))
+    if compile:
+        apply_fast_path(pipe, backend)
+    img2img = PIPELINE_CLASSES[case.family][1].from_pipe(pipe, dtype=pipe.dtype)
+    engine.cache.loaded[case.model_id] = LoadedModel(spec, pipe, img2img, pipe.scheduler.config)
+    return engine
+
+
+def engine_caller(engine: LocalEngine, case: Case) -> Callable[[int], Any]:
+    fields = {"prompt": "a photo of a fox", "steps": case.steps, "guidance_scale": 7.5, "scheduler": "Euler a"}
+
+    def engine_call(seed: int = 0) -> Any:
+        request = parse_request({**fields, "seed": seed}, engine.cache.registry, "txt2img", case.model_id)
+        return engine.generate(request).images
+
+    return engine_call
+
+
+def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, backend: str) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    pipe = case.build().to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    flops = unet_flops(pipe, case, device, dtype)
+    kwargs = dict(prompt="a photo of a fox", num_inference_steps=case.steps, guidance_scale=7.5)
+    kwargs.update(width=case.size, height=case.size)
+    results: dict[str, Any] = {"unet_tflop_per_step": round(flops / 1e12, 3)}
+
+    def plain_call(seed: int = 0) -> Any:
+        return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images
+
+    timer = UnetTimer(pipe.unet, cuda)
+    plain = measure(plain_call, timer, runs, cuda)
+    timer.close()
+    plain["sequential_images_per_s"] = {
+        n: round(n / timed(lambda n=n: [plain_call(seed) for seed in range(n)], cuda), 3) for n in CONCURRENCY
+    }
+    results["plain_diffusers"] = plain
+
+    for name, compile in (("dreamsketch", False), ("dreamsketch_compile", True)):
+        engine = engine_for(case, pipe, compile, device, backend)
+        timer = UnetTimer(pipe.unet, cuda)
+        engine_call = engine_caller(engine, case)
+        stats = measure(engine_call, timer, runs, cuda)
+        timer.close()
+        stats["concurrent_images_per_s"] = {
+            n: round(concurrent_throughput(engine_call, n, cuda), 3) for n in CONCURRENCY
+        }
+        results[name] = stats
+        pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+
+    for name in ("plain_diffusers", "dreamsketch", "dreamsketch_compile"):
+        stats = results[name]
+        step_s = stats["unet_ms_per_step"] / 1000
+        stats["it_per_s"] = round(case.steps / stats["latency_p50_s"], 2)
+        stats["achieved_tflops"] = round(flops / 1e12 / step_s, 1)
+        stats["share_of_peak_pct"] = round(100 * flops / 1e12 / step_s / PEAK_TFLOPS, 1)
+        stats["speedup_vs_plain"] = round(results["plain_diffusers"]["latency_p50_s"] / stats["latency_p50_s"], 2)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=["sd15", "sdxl"], help="one model instead of both")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.small
+    if not cuda and not args.small:
+        print("no CUDA GPU: run with --small to check the benchmark on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    report: dict[str, Any] = {
+        "benchmark": "gpu_pipeline",
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda},
+        "settings": {
+            "dtype": str(dtype),
+            "guidance_scale": 7.5,
+            "batch": 1,
+            "runs": args.runs,
+            "compile_backend": args.compile_backend,
+        },
+        "models": {},
+    }
+    for case in cases(args.small):
+        if args.only and case.model_id != args.only:
+            continue
+        report["models"][f"{case.model_id}_{case.size}"] = bench_case(
+            case, device, dtype, args.runs, args.compile_backend
+        )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""The benchmarks run here in their small form (tiny model, CPU): they work and report every figure.
+No timing is asserted."""
+
+import json
+
+import pytest
+
+from benchmarks import gpu_pipeline
+
+
+@pytest.mark.slow
+def test_gpu_pipeline_small_form_reports_every_figure(capsys):
+    assert gpu_pipeline.main(["--small", "--runs", "1", "--compile-backend", "aot_eager"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and report["benchmark"] == "gpu_pipeline"
+    model = report["models"]["tiny-sd15_128"]
+    for variant in ("plain_diffusers", "dreamsketch", "dreamsketch_compile"):
+        stats = model[variant]
+        for key in ("latency_p50_s", "unet_ms_per_step", "it_per_s", "achieved_tflops", "share_of_peak_pct"):
+            assert stats[key] >= 0
+        assert stats["first_call_s"] > 0
+    assert set(model["plain_diffusers"]["sequential_images_per_s"]) == {"4", "8"}
+    assert set(model["dreamsketch_compile"]["concurrent_images_per_s"]) == {"4", "8"}
