@@ -172,3 +172,29 @@ def test_auth_protects_the_app(tmp_path: Path) -> None:
         _images, info = client.predict(prompt="with auth", **FAST, api_name="/txt2img")
         assert info["ids"]
         client.close()
+
+
+def test_mcp_tools_generate(server: RunningServer) -> None:
+    """Agents see txt2img/img2img as MCP tools (described by the docstrings) and can call txt2img."""
+    import anyio
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    schema = httpx.get(f"{server.url}/gradio_api/mcp/schema", timeout=10).json()
+    tools = {tool["name"]: tool for tool in schema}
+    assert {"txt2img", "img2img"} <= set(tools)
+    assert "multiple of 8" in tools["txt2img"]["inputSchema"]["properties"]["width"]["description"]
+
+    async def call() -> list:
+        async with (
+            streamablehttp_client(f"{server.url}/gradio_api/mcp/") as (read, write, _),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            reply = await session.call_tool("txt2img", {"prompt": "via mcp", **FAST, "seed": 5})
+            assert not reply.isError, reply.content
+            return reply.content
+
+    content = anyio.run(call)
+    assert any(item.type == "image" or "seed" in getattr(item, "text", "") for item in content), content
+    assert server.studio.gallery.list(limit=1)[0].meta.prompt == "via mcp"
