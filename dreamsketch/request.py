@@ -162,17 +162,26 @@ def _int(given: Mapping[str, Any], name: str, default: int, low: int, high: int)
     if type(value) is not int:
         raise RequestError(name, f"must be a whole number from {low} to {high}")
     if not low <= value <= high:
-        raise RequestError(name, f"must be from {low} to {high} (got {value})")
+        raise RequestError(name, f"must be from {low} to {high} (got {_shown(value)})")
     return value
 
 
 def _number(given: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
     value = given.get(name, default)
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if type(value) is float and not math.isfinite(value) or type(value) not in (int, float):
         raise RequestError(name, f"must be a finite number from {low:g} to {high:g}")
-    if not low <= value <= high:
-        raise RequestError(name, f"must be from {low:g} to {high:g} (got {value:g})")
+    if not low <= value <= high:  # compared exactly: an int too large for a float is simply out of range
+        raise RequestError(name, f"must be from {low:g} to {high:g} (got {_shown(value)})")
     return float(value)
+
+
+def _shown(value: float) -> str:
+    """A number for a message: as given when short; a huge int only by its size (no float or digit-limit overflow)."""
+    if not isinstance(value, int):
+        return f"{value:g}"
+    if abs(value) < 10**15:
+        return str(value)
+    return f"{'-' if value < 0 else ''}about 10^{value.bit_length() * math.log10(2):.0f}"
 
 
 def _check_area(spec: ModelSpec, width: int, height: int) -> None:
