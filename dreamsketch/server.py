@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gradio as gr
+import uvicorn
 from fastapi import FastAPI
 
 from dreamsketch.api import create_app
@@ -45,11 +51,39 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
 
 def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     """Run the server (built here unless given) on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT (default 127.0.0.1:7860)."""
-    import uvicorn
-
     studio = studio or Studio()
     if app is None:
         app, _demo = create_server(studio)
     host, port = studio.settings.server_name, studio.settings.server_port
     print(f"DreamSketch on http://{host}:{port} (MCP: http://{host}:{port}/gradio_api/mcp/)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@contextmanager
+def running_server(app: FastAPI, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` on a free 127.0.0.1 port from a background thread; yields its URL (tests, benchmarks)."""
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else keep-alive replies wait 40 ms for ACKs).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn {url}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"server on {url} did not start")
+        time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        # Open streams (a client's heartbeat) are cut after a second; keep uvicorn from logging that as errors.
+        errors = logging.getLogger("uvicorn.error")
+        level = errors.level
+        errors.setLevel(logging.CRITICAL)
+        try:
+            server.should_exit = True
+            thread.join(timeout=15)
+        finally:
+            errors.setLevel(level)
+            sock.close()

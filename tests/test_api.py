@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from PIL import Image
 
 from dreamsketch.api import MAX_BODY_BYTES, create_app
 from dreamsketch.config import Settings
+from dreamsketch.server import running_server
 from dreamsketch.studio import Studio
 
 FAST = {"model_id": "tiny-demo", "width": 128, "height": 128, "steps": 2}
@@ -49,22 +49,9 @@ class Server:
 
 
 def serve(studio: Studio) -> Iterator[Server]:
-    """The real app under uvicorn in a background thread, on a free port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(studio), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield Server(f"http://127.0.0.1:{port}", studio)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    """The HTTP API alone (no Gradio mounted) under uvicorn, on a free 127.0.0.1 port."""
+    with running_server(create_app(studio)) as url:
+        yield Server(url, studio)
 
 
 @pytest.fixture(scope="module")
