@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import gpu_pipeline
+from benchmarks import cpu_overhead, gpu_pipeline
 
 
 @pytest.mark.slow
@@ -21,3 +21,18 @@ def test_gpu_pipeline_small_form_reports_every_figure(capsys):
         assert stats["first_call_s"] > 0
     assert set(model["plain_diffusers"]["sequential_images_per_s"]) == {"4", "8"}
     assert set(model["dreamsketch_compile"]["concurrent_images_per_s"]) == {"4", "8"}
+
+
+@pytest.mark.slow
+def test_cpu_overhead_reports_every_path_and_part(capsys):
+    assert cpu_overhead.main(["--runs", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    paths = ("direct_engine", "studio_generate", "http_api", "gradio_client", "gradio_trivial_endpoint")
+    assert set(report["latency"]) == set(paths)
+    assert all(report["latency"][path]["p50_ms"] > 0 for path in paths)
+    assert set(report["added_p50_ms"]) == {
+        "http_api_over_direct_engine",
+        "gradio_client_over_trivial_endpoint_and_engine",
+    }
+    parts = ("inference_p50_ms", "png_encoding_p50_ms", "gallery_write_p50_ms", "gradio_queue_and_transport_p50_ms")
+    assert set(report["parts"]) == set(parts)
