@@ -1,0 +1,153 @@
+"""Bad input through gradio_client (the HTTP API's cases are in test_api.py and test_fuzz_api.py): each is refused
+with an error that names the problem, the server keeps answering, and nothing reaches the gallery."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from dreamsketch.studio import Studio
+from tests.servers import RunningServer, running_server, tiny_settings
+
+FAST = {"model_id": "tiny-demo", "width": 64, "height": 64, "steps": 1}
+UNEXPECTED = "Generation failed unexpectedly"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with running_server(Studio(tiny_settings(tmp_path_factory.mktemp("client-inputs")))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> Iterator[Client]:
+    client = Client(server.url, verbose=False, download_files=str(server.studio.settings.output_dir.parent / "dl"))
+    yield client
+    client.close()
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "purple").save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    data = bytearray(image_bytes("PNG", (8, 8)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def refused(client: Client, server: RunningServer, api_name: str, words: str, **fields: Any) -> str:
+    before = server.studio.gallery.count()
+    with pytest.raises(AppError) as error:
+        client.predict(**fields, api_name=api_name)
+    message = str(error.value)
+    assert words in message and UNEXPECTED not in message and "Traceback" not in message, message
+    assert server.studio.gallery.count() == before
+    return message
+
+
+TXT2IMG_REFUSED = [
+    ("huge seed", {"seed": 1e300}, "seed"),
+    ("fractional steps", {"steps": 2.5}, "steps"),
+    ("negative batch", {"batch_size": -1}, "batch_size"),
+    ("area", {"width": 512, "height": 512}, "native area"),
+    ("control character", {"prompt": "a\x1bb"}, "control characters"),
+    ("NUL in negative", {"negative_prompt": "x\x00y"}, "negative_prompt"),
+    ("prompt too long", {"prompt": "y" * 2001}, "2000"),
+    ("traversal as model", {"model_id": "../../etc/passwd"}, "model_id"),
+    ("encoded traversal as model", {"model_id": "%2e%2e%2fmodels"}, "model_id"),
+    ("absolute path as model", {"model_id": "/etc/passwd"}, "model_id"),
+    ("NUL model", {"model_id": "tiny-demo\x00"}, "model_id"),
+    ("traversal as scheduler", {"scheduler": "../Euler"}, "scheduler"),
+]
+
+
+@pytest.mark.parametrize(("fields", "words"), [c[1:] for c in TXT2IMG_REFUSED], ids=[c[0] for c in TXT2IMG_REFUSED])
+def test_txt2img_bad_values_are_refused(client: Client, server: RunningServer, fields: dict, words: str) -> None:
+    refused(client, server, "/txt2img", words, **{"prompt": "x", **FAST, **fields})
+
+
+# gradio_client cannot even send NaN or infinities (its JSON refuses them); Gradio's /call route, which it uses,
+# accepts the literals: they reach parse_request and are refused there.
+POSITIONS = {"steps": 5, "guidance_scale": 6, "seed": 7}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("field", POSITIONS)
+def test_nan_and_infinities_on_gradios_call_route(server: RunningServer, field: str, literal: str) -> None:
+    data = ['"x"', '""', '"tiny-demo"', "64", "64", "1", "7.5", "-1", '"Default"', "1"]
+    data[POSITIONS[field]] = literal
+    before = server.studio.gallery.count()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        reply = http.post("/gradio_api/call/txt2img", content=f'{{"data": [{", ".join(data)}]}}',
+                          headers={"content-type": "application/json"})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        events = http.get(f"/gradio_api/call/txt2img/{reply.json()['event_id']}").text
+    assert "event: error" in events and f"field '{field}'" in events and "Traceback" not in events, events
+    assert server.studio.gallery.count() == before
+
+
+@pytest.mark.parametrize("value", ["twenty", "", "1e3", [64]])
+def test_strings_and_lists_where_numbers_belong(client: Client, server: RunningServer, value: object) -> None:
+    before = server.studio.gallery.count()
+    with pytest.raises(AppError) as error:
+        client.predict(prompt="x", **{**FAST, "steps": value}, api_name="/txt2img")
+    assert UNEXPECTED not in str(error.value)
+    assert server.studio.gallery.count() == before
+
+
+def test_extra_and_missing_fields(client: Client, server: RunningServer) -> None:
+    with pytest.raises(TypeError):  # gradio_client refuses unknown keywords before sending anything
+        client.predict(prompt="x", sampler="Euler", api_name="/txt2img")
+    _images, info = client.predict(prompt="only a prompt", api_name="/txt2img")  # missing fields: the defaults
+    assert server.studio.gallery.get(info["ids"][0]) is not None
+
+
+@pytest.mark.parametrize("plane", range(17))
+def test_prompts_from_every_unicode_plane(client: Client, server: RunningServer, plane: int) -> None:
+    prompt = "".join(chr(plane * 0x10000 + offset) for offset in (0x41, 0x1F600 % 0x10000, 0xFFFD)) + " \n\t fin"
+    _images, info = client.predict(prompt=prompt, **FAST, api_name="/txt2img")
+    assert server.studio.gallery.get(info["ids"][0]).meta.prompt == prompt  # type: ignore[union-attr]
+
+
+UPLOADS = [
+    ("zero bytes", b"", "image"),
+    ("text", b"just some text, not an image", "image"),
+    ("truncated png", image_bytes("PNG")[:80], "image"),
+    ("truncated jpeg", image_bytes("JPEG")[: len(image_bytes("JPEG")) // 2], "image"),
+    ("gif", image_bytes("GIF"), "image"),
+    ("100000x100000 header", png_claiming(100_000, 100_000), "image"),
+]
+
+
+@pytest.mark.parametrize(("data", "words"), [u[1:] for u in UPLOADS], ids=[u[0] for u in UPLOADS])
+def test_img2img_bad_uploads(client: Client, server: RunningServer, tmp_path: Path, data: bytes, words: str) -> None:
+    for name in ("upload.png", "upload.jpg"):
+        (tmp_path / name).write_bytes(data)
+        refused(client, server, "/img2img", words, image=handle_file(str(tmp_path / name)), prompt="x", **FAST)
+
+
+def test_img2img_strength_out_of_bounds(client: Client, server: RunningServer, tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(image_bytes("PNG"))
+    for strength in (0, -0.5, 1.5, 1e-9):
+        refused(client, server, "/img2img", "strength", image=handle_file(str(tmp_path / "ok.png")), prompt="x",
+                strength=strength, **FAST)  # fmt: skip
+
+
+def test_the_server_still_works_after_all_of_it(client: Client, server: RunningServer) -> None:
+    _images, info = client.predict(prompt="still fine", **FAST, api_name="/txt2img")
+    assert server.studio.gallery.get(info["ids"][0]) is not None and server.studio.pending == 0
