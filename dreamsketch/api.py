@@ -361,18 +361,25 @@ def _auth_dependencies(auth: tuple[str, str] | None) -> list[Any]:
     if auth is None:
         return []
     basic = HTTPBasic(auto_error=False, realm="DreamSketch")
-    user, password = (part.encode() for part in auth)
 
     async def check(request: Request) -> None:
-        credentials = await basic(request)
-        given_user = credentials.username.encode() if credentials else b""
-        given_password = credentials.password.encode() if credentials else b""
-        user_ok = secrets.compare_digest(given_user, user)
-        password_ok = secrets.compare_digest(given_password, password)
-        if not (credentials and user_ok and password_ok):
+        if not basic_auth_ok(request.headers.get("authorization"), auth):
             raise ApiError(401, "authentication required", {"WWW-Authenticate": 'Basic realm="DreamSketch"'})
 
     return [Depends(basic), Depends(check)]
+
+
+def basic_auth_ok(authorization: str | None, auth: tuple[str, str]) -> bool:
+    """Whether an Authorization header carries the DREAMSKETCH_AUTH user and password (compared in constant time)."""
+    scheme, _, encoded = (authorization or "").partition(" ")
+    try:
+        given = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        given = ""
+    user, _, password = given.partition(":")
+    user_ok = secrets.compare_digest(user.encode(), auth[0].encode())
+    password_ok = secrets.compare_digest(password.encode(), auth[1].encode())
+    return scheme.lower() == "basic" and user_ok and password_ok
 
 
 def _add_exception_handlers(app: FastAPI, studio: Studio) -> None:

@@ -3,22 +3,67 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dreamsketch.api import create_app
+from dreamsketch.api import basic_auth_ok, create_app, error_reply
+from dreamsketch.gallery import Gallery
 from dreamsketch.studio import Studio
 from dreamsketch.ui import CSS, THEME, build_demo
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD = "20mb"  # DESIGN.md: input images at most 20 MB
+FILE_ROUTE = "/gradio_api/file="
+MCP_ROUTE = "/gradio_api/mcp"
+
+
+class Guard:
+    """In front of Gradio: its file route serves gallery PNGs only from the gallery folder (never the SQLite index,
+    temporary or other files that allowed_paths would expose), and MCP, which Gradio leaves open, needs the
+    DREAMSKETCH_AUTH credentials (HTTP Basic) when they are set."""
+
+    def __init__(self, app: ASGIApp, gallery: Gallery, auth: tuple[str, str] | None) -> None:
+        self.app = app
+        self.gallery = gallery
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        await (refusal or self.app)(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        path: str = scope["path"]
+        if path.startswith(FILE_ROUTE) and not self.may_serve(path.removeprefix(FILE_ROUTE)):
+            return error_reply(404, "not found")
+        if self.auth and path.startswith(MCP_ROUTE) and not self.signed_in(scope, self.auth):
+            return error_reply(401, "authentication required", {"WWW-Authenticate": 'Basic realm="DreamSketch"'})
+        return None
+
+    @staticmethod
+    def signed_in(scope: Scope, auth: tuple[str, str]) -> bool:
+        return basic_auth_ok(Headers(scope=scope).get("authorization"), auth)
+
+    def may_serve(self, target: str) -> bool:
+        """Outside the gallery folder Gradio's own rules apply; inside it, only PNGs named in the index."""
+        if "\x00" in target:
+            return False
+        path = Path(os.path.abspath(target))  # as Gradio's file route reads it
+        folder = self.gallery.folder
+        if not (path.is_relative_to(folder) or path.resolve().is_relative_to(folder)):
+            return True
+        return path.parent == folder and self.gallery.file_path(path.name) is not None
 
 
 def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
@@ -46,6 +91,7 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
         theme=THEME,
         css=CSS,
     )
+    app.add_middleware(Guard, gallery=studio.gallery, auth=settings.auth)
     return app, demo
 
 
