@@ -151,3 +151,9 @@ def test_img2img_strength_out_of_bounds(client: Client, server: RunningServer, t
 def test_the_server_still_works_after_all_of_it(client: Client, server: RunningServer) -> None:
     _images, info = client.predict(prompt="still fine", **FAST, api_name="/txt2img")
     assert server.studio.gallery.get(info["ids"][0]) is not None and server.studio.pending == 0
+
+
+def test_uploads_over_20_mb_are_refused(server: RunningServer) -> None:
+    big = b"\x89PNG\r\n\x1a\n" + b"\x00" * (20 * 1024 * 1024 + 1)
+    reply = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("big.png", big)}, timeout=60)
+    assert reply.status_code == 413 and "Traceback" not in reply.text, (reply.status_code, reply.text[:200])

@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -159,7 +159,7 @@ def test_a_model_that_fails_to_load_leaves_the_others_working(
 # Disk full, read-only gallery
 
 
-def _fail_with(code: int):  # type: ignore[no-untyped-def]
+def _fail_with(code: int) -> Callable[..., None]:
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(code, os.strerror(code))
 
