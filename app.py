@@ -3,9 +3,12 @@
 Importing this module builds the server (`app`: the FastAPI app with the HTTP API and the Gradio UI; `demo`: the
 Blocks), so `uvicorn app:app` works too."""
 
+import logging
+
 from dreamsketch.server import create_server, serve
 from dreamsketch.studio import Studio
 
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 studio = Studio()
 app, demo = create_server(studio)
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dreamsketch.api import basic_auth_ok, create_app, error_reply
 from dreamsketch.gallery import Gallery
+from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.studio import Studio
 from dreamsketch.ui import CSS, THEME, build_demo
 
@@ -101,8 +102,17 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     if app is None:
         app, _demo = create_server(studio)
     host, port = studio.settings.server_name, studio.settings.server_port
+    threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
     print(f"DreamSketch on http://{host}:{port} (MCP: http://{host}:{port}/gradio_api/mcp/)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def preload_default(studio: Studio) -> None:
+    """Load the default model while the server starts, so that the first Generate does not wait for it."""
+    try:
+        studio.engine.preload(studio.default_model)
+    except (ModelUnavailableError, OSError) as exc:
+        log.warning("could not preload %s: %s", studio.default_model, exc)
 
 
 @contextmanager
