@@ -190,7 +190,7 @@ class LocalEngine:
         pipe = model.txt2img if first.image is None else model.img2img
         name = first.scheduler or spec.scheduler
         if name is None:
-            pipe.scheduler = type(model.txt2img.scheduler).from_config(model.default_scheduler_config)
+            pipe.scheduler = model.default_scheduler_class.from_config(model.default_scheduler_config)
             name = scheduler_name(pipe.scheduler)
         else:
             pipe.scheduler = make_scheduler(name, model.default_scheduler_config)

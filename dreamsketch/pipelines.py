@@ -6,7 +6,7 @@ import gc
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,11 @@ class LoadedModel:
     txt2img: Any
     img2img: Any
     default_scheduler_config: Any
+    default_scheduler_class: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The model's own scheduler, remembered before any request swaps the pipelines' schedulers.
+        self.default_scheduler_class = type(self.txt2img.scheduler)
 
 
 def resolve_device(setting: str) -> torch.device:

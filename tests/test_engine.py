@@ -60,6 +60,15 @@ def test_default_scheduler_is_the_models_own(engine):
     assert engine.generate(request(engine)).scheduler == "Euler a"
 
 
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_default_scheduler_stays_the_models_own_after_another_was_used(engine, mode):
+    image = {"image": png(Image.new("RGB", (64, 64)))} if mode == "img2img" else {}
+    engine.generate(request(engine, mode, scheduler="PNDM", **image))
+    # Found by the API fuzz: "Default" became a PNDM without its skip_prk_steps, which fails at 2 steps (a 500).
+    generation = engine.generate(request(engine, mode, steps=2, **image))
+    assert generation.scheduler == "Euler a"
+
+
 def test_batch_images_have_consecutive_seeds_and_match_single_runs(engine):
     batch = engine.generate(request(engine, batch_size=3, scheduler="DDIM"))
     assert batch.seeds == [7, 8, 9] and len(batch.images) == 3
