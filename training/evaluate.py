@@ -101,6 +101,7 @@ def img2img_scores(pipe: StableDiffusionPipeline, count: int, strengths: tuple[f
     """Redraw pictures of held-out scenes with the prompt of another scene: how much of the input's shape
     survives (IoU of the shape masks) and how often the result matches the new prompt's colours."""
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
     pairs = held_out_prompts(2 * count, seed=1)
     sources, targets = pairs[:count], pairs[count:]
     inputs = [shapes.draw(scene) for scene, _ in sources]
