@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
@@ -32,8 +33,13 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     model = {"id": "tiny-demo", "name": "Tiny demo (noise)", "source": "builtin:tiny", "family": "sd15"}
     model |= {"width": 64, "height": 64, "steps": 2, "guidance_scale": 7.5}
     (folder / "models.yaml").write_text(yaml.safe_dump([model]), encoding="utf-8")
-    with running_server(Studio(tiny_settings(folder))) as server:
-        yield server
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~30 tiny generations: one thread each is fastest, above all on a shared CPU
+    try:
+        with running_server(Studio(tiny_settings(folder))) as server:
+            yield server
+    finally:
+        torch.set_num_threads(threads)
 
 
 def lower_cost(body: Any) -> Any:
@@ -96,7 +102,9 @@ def test_every_generated_case_is_answered_without_a_server_error(
         case.body = lower_cost(case.body)
         before = gallery.count()
         response = case.call(timeout=TIMEOUT_S)
-        case.validate_response(response, excluded_checks=EXCLUDED[mode])
+        # In a multipart form every value is text: a "number" for the prompt is a valid prompt once sent.
+        as_text = [negative_data_rejection] if case.media_type == "multipart/form-data" else []
+        case.validate_response(response, excluded_checks=EXCLUDED[mode] + as_text)
         assert response.status_code < 500, (response.status_code, response.text[:500])
         assert "Traceback" not in response.text
         if response.status_code >= 400:
