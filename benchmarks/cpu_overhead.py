@@ -43,12 +43,19 @@ REGISTRY = """- {id: tiny-demo, name: Tiny demo (noise), source: "builtin:tiny",
 
 
 def timings_ms(call: Callable[[], Any], runs: int) -> list[float]:
-    call()  # warm-up: model load, connections, first compile of nothing
-    times = []
+    return interleaved_ms({"call": call}, runs)["call"]
+
+
+def interleaved_ms(calls: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
+    """Time each call `runs` times, round-robin, so that a busy machine slows every path alike."""
+    for call in calls.values():
+        call()  # warm-up: model load, connections
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -100,19 +107,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(studio: Studio, runs: int) -> dict[str, Any]:
     request = studio.parse(FIELDS, "txt2img")
-    paths: dict[str, list[float]] = {"direct_engine": timings_ms(lambda: studio.engine.generate(request), runs)}
-    paths["studio_generate"] = timings_ms(lambda: studio.generate(request), runs)
     app, _demo = create_server(studio)
-    with running_server(app) as url, httpx.Client(timeout=60) as http:  # one keep-alive connection, like a script
-        paths["http_api"] = timings_ms(lambda: http.post(f"{url}/api/txt2img", json=FIELDS).raise_for_status(), runs)
-        client = Client(url, verbose=False)
-        paths["gradio_client"] = timings_ms(lambda: client.predict(**FIELDS, api_name="/txt2img"), runs)
-        client.close()
     trivial_app = gr.mount_gradio_app(FastAPI(), trivial_gradio_app(), path="/")
-    with running_server(trivial_app) as url:
-        client = Client(url, verbose=False)
-        paths["gradio_trivial_endpoint"] = timings_ms(lambda: client.predict(api_name="/picture"), runs)
+    with (
+        running_server(app) as url,
+        running_server(trivial_app) as trivial_url,
+        httpx.Client(timeout=60) as http,  # one keep-alive connection, like a script
+    ):
+        client, trivial_client = Client(url, verbose=False), Client(trivial_url, verbose=False)
+        paths = interleaved_ms(
+            {
+                "direct_engine": lambda: studio.engine.generate(request),
+                "studio_generate": lambda: studio.generate(request),
+                "http_api": lambda: http.post(f"{url}/api/txt2img", json=FIELDS).raise_for_status(),
+                "gradio_client": lambda: client.predict(**FIELDS, api_name="/txt2img"),
+                "gradio_trivial_endpoint": lambda: trivial_client.predict(api_name="/picture"),
+            },
+            runs,
+        )
         client.close()
+        trivial_client.close()
     stats = {name: summary(times) for name, times in paths.items()}
     direct, trivial = stats["direct_engine"]["p50_ms"], stats["gradio_trivial_endpoint"]["p50_ms"]
     return {
