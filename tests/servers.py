@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import yaml
+from gradio_client import Client
 
 from dreamsketch.config import Settings
 from dreamsketch.server import create_server
@@ -42,3 +44,26 @@ def tiny_settings(folder: Path, **overrides: Any) -> Settings:
         registry.write_text(yaml.safe_dump([model], sort_keys=False), encoding="utf-8")
     values: dict[str, Any] = {"models_file": registry, "output_dir": folder / "outputs", "default_model": "tiny-demo"}
     return Settings(**(values | overrides))
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """GET a path exactly as written (httpx would normalise dot segments and refuse NUL)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@contextmanager
+def gradio_client(server: RunningServer) -> Iterator[Client]:
+    """A gradio_client for the server; its downloads go next to the gallery, not into the working directory."""
+    client = Client(server.url, verbose=False, download_files=str(server.studio.settings.output_dir.parent / "dl"))
+    try:
+        yield client
+    finally:
+        client.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import http.client
 import io
 import socket
 import threading
@@ -21,6 +20,7 @@ from dreamsketch.api import MAX_BODY_BYTES, create_app
 from dreamsketch.config import Settings
 from dreamsketch.server import running_server
 from dreamsketch.studio import Studio
+from tests.servers import raw_get
 
 FAST = {"model_id": "tiny-demo", "width": 128, "height": 128, "steps": 2}
 
@@ -87,18 +87,6 @@ def png_bytes(size: tuple[int, int] = (96, 96), fmt: str = "PNG") -> bytes:
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def raw_get(server: Server, path: str) -> tuple[int, bytes]:
-    """GET a path exactly as written (httpx would normalise dot segments)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def assert_error(response: httpx.Response, status: int, *words: str) -> None:
@@ -425,7 +413,7 @@ def test_media_refuses_everything_but_gallery_pngs(server: Server, client: httpx
         "/media/generated/C:%5cWindows%5cwin.ini",
     ]
     for path in attempts:
-        status, body = raw_get(server, path)
+        status, body = raw_get(server.url, path)
         assert status == 404, (path, body)
         assert b'"status":"error"' in body and b"secret" not in body and b"SQLite" not in body, path
     url = client.post("/api/txt2img", json=FAST).json()["result"]["url"]

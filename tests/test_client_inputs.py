@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from dreamsketch.studio import Studio
-from tests.servers import RunningServer, running_server, tiny_settings
+from tests.servers import RunningServer, gradio_client, running_server, tiny_settings
 
 FAST = {"model_id": "tiny-demo", "width": 64, "height": 64, "steps": 1}
 UNEXPECTED = "Generation failed unexpectedly"
@@ -31,9 +31,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> Iterator[Client]:
-    client = Client(server.url, verbose=False, download_files=str(server.studio.settings.output_dir.parent / "dl"))
-    yield client
-    client.close()
+    with gradio_client(server) as client:
+        yield client
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (64, 64)) -> bytes:

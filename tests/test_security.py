@@ -4,7 +4,6 @@ gallery PNGs and nothing else; no secret (HF_TOKEN, the auth password) reaches a
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import logging
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from dreamsketch.studio import Studio
-from tests.servers import RunningServer, running_server, tiny_settings
+from tests.servers import RunningServer, raw_get, running_server, tiny_settings
 
 USER, PASSWORD = "ada", "pw-Zq81-secret-password"
 HF_TOKEN = "hf_TOKENvalueThatMustNeverLeak0123"
@@ -220,19 +219,6 @@ def test_no_secret_in_replies_logs_or_png_metadata(
 
 # ---------------------------------------------------------------------------------------------------------------
 # File routes: Gradio's /gradio_api/file= serves gallery PNGs only (the index, temporary files and others: never)
-
-
-def raw_get(url: str, path: str) -> tuple[int, bytes]:
-    """GET a path exactly as written (httpx would normalise dot segments and refuse NUL)."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def test_gradio_file_route_serves_gallery_pngs_and_nothing_else(open_server: RunningServer) -> None:

@@ -14,7 +14,7 @@ from gradio_client.utils import QueueError
 from PIL import Image
 
 from dreamsketch.studio import Studio
-from tests.servers import RunningServer, running_server, tiny_settings
+from tests.servers import RunningServer, gradio_client, running_server, tiny_settings
 
 FAST = {"model_id": "tiny-demo", "width": 128, "height": 128, "steps": 2}
 SLOW = {"model_id": "tiny-demo", "width": 256, "height": 256, "steps": 150, "batch_size": 8}
@@ -33,9 +33,8 @@ def server(folder: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> Iterator[Client]:
-    client = Client(server.url, verbose=False, download_files=str(server.studio.settings.output_dir.parent / "dl"))
-    yield client
-    client.close()
+    with gradio_client(server) as client:
+        yield client
 
 
 def wait_for_progress(job, timeout: float = 30.0) -> list:  # type: ignore[no-untyped-def]
