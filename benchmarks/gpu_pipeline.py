@@ -38,7 +38,7 @@ from dreamsketch.fastpath import apply_fast_path
 from dreamsketch.pipelines import PIPELINE_CLASSES, LoadedModel
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import parse_request
-from dreamsketch.tiny import build_tiny_pipeline, tiny_tokenizer
+from dreamsketch.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny_tokenizer
 
 PEAK_TFLOPS = 790.0  # dense fp16 tensor-core peak of an H100/H200 SXM
 CONCURRENCY = (4, 8)
@@ -135,7 +135,10 @@ class Case:
 
 def cases(small: bool) -> list[Case]:
     if small:
-        return [Case("tiny-sd15", "sd15", 128, 4, build_tiny_pipeline)]
+        return [
+            Case("tiny-sd15", "sd15", 128, 4, build_tiny_pipeline),
+            Case("tiny-sdxl", "sdxl", 128, 4, build_tiny_sdxl_pipeline),
+        ]
     return [Case("sd15", "sd15", 512, 30, sd15_pipeline), Case("sdxl", "sdxl", 1024, 30, sdxl_pipeline)]
 
 
@@ -181,13 +184,14 @@ class UnetTimer:
 def unet_flops(pipe: Any, case: Case, device: torch.device, dtype: torch.dtype) -> int:
     """FLOPs of one UNet call with CFG (batch 2), counted by torch's flop counter."""
     latent = case.size // 8
+    config = pipe.unet.config
     sample = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
-    hidden = 2048 if case.family == "sdxl" else pipe.text_encoder.config.hidden_size
-    context = torch.randn(2, 77, hidden, device=device, dtype=dtype)
+    context = torch.randn(2, 77, config.cross_attention_dim, device=device, dtype=dtype)
     extra = {}
     if case.family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         extra["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+            "text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
             "time_ids": torch.randn(2, 6, device=device, dtype=dtype),
         }
     counter = FlopCounterMode(display=False)
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--only", choices=["sd15", "sdxl"], help="one model instead of both")
+    parser.add_argument("--only", choices=["sd15", "sdxl"], help="one model family instead of both")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.small
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for case in cases(args.small):
-        if args.only and case.model_id != args.only:
+        if args.only and case.family != args.only:
             continue
         report["models"][f"{case.model_id}_{case.size}"] = bench_case(
             case, device, dtype, args.runs, args.compile_backend

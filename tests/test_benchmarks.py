@@ -13,7 +13,12 @@ def test_gpu_pipeline_small_form_reports_every_figure(capsys):
     assert gpu_pipeline.main(["--small", "--runs", "1", "--compile-backend", "aot_eager"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and report["benchmark"] == "gpu_pipeline"
-    model = report["models"]["tiny-sd15_128"]
+    assert set(report["models"]) == {"tiny-sd15_128", "tiny-sdxl_128"}
+    for model in report["models"].values():
+        check_model_figures(model)
+
+
+def check_model_figures(model):
     for variant in ("plain_diffusers", "dreamsketch", "dreamsketch_compile"):
         stats = model[variant]
         for key in ("latency_p50_s", "unet_ms_per_step", "it_per_s", "achieved_tflops", "share_of_peak_pct"):

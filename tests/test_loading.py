@@ -4,12 +4,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from dreamsketch.engine import LocalEngine
 from dreamsketch.pipelines import ModelUnavailableError, is_available
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
 from dreamsketch.studio import Studio, choose_default_model
+from dreamsketch.tiny import build_tiny_sdxl_pipeline
 from tests.conftest import TINY_REPO, entry, lay_into_hub_cache, write_registry
 
 
@@ -95,3 +98,29 @@ def test_default_model_is_the_first_usable_then_the_offline_one(hub_settings, se
 def test_unknown_default_model_fails_at_start(settings):
     with pytest.raises(ValueError, match="DREAMSKETCH_DEFAULT_MODEL='nope'"):
         Studio(dataclasses.replace(settings, default_model="nope"))
+
+
+def test_sdxl_family_folder_loads_with_the_sdxl_pipelines(settings, tmp_path):
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "tiny-sdxl")
+    registry = write_registry(tmp_path / "xl.yaml", [entry("tiny-xl", str(tmp_path / "tiny-sdxl"), family="sdxl")])
+    engine = LocalEngine(settings, load_registry(registry))
+    text_image = generate(engine, "tiny-xl")
+    model = engine.cache.get("tiny-xl")
+    assert type(model.txt2img).__name__ == "StableDiffusionXLPipeline"
+    assert type(model.img2img).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert model.img2img.text_encoder_2 is model.txt2img.text_encoder_2
+    fields = {"prompt": "a fox", "seed": 3, "steps": 4, "image": Image.fromarray(text_image), "strength": 0.5}
+    result = engine.generate(parse_request(fields, engine.cache.registry, "img2img", "tiny-xl"))
+    assert result.images[0].size == (128, 128) and text_image.shape == (128, 128, 3)
+
+
+def test_sdxl_vae_that_asks_for_upcast_decodes_in_fp32_straight_away(settings, tmp_path):
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "tiny-sdxl")
+    registry = write_registry(tmp_path / "xl.yaml", [entry("tiny-xl", str(tmp_path / "tiny-sdxl"), family="sdxl")])
+    engine = LocalEngine(dataclasses.replace(settings, dtype="fp16"), load_registry(registry))
+    vae = engine.cache.get("tiny-xl").txt2img.vae
+    decode, dtypes = vae.decode, []
+    vae.decode = lambda latents, **kwargs: dtypes.append(vae.dtype) or decode(latents, **kwargs)
+    image = generate(engine, "tiny-xl")
+    assert dtypes == [torch.float32] and vae.dtype == torch.float16
+    assert image.std() > 0
