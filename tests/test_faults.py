@@ -286,9 +286,8 @@ def test_a_cancel_storm_through_gradio_client_drains_and_the_next_request_succee
     for job in jobs:
         job.cancel()
     wait_until_idle(server)
-    started = time.monotonic()
     _images, info = client.predict(prompt="after the storm", **FAST, api_name="/txt2img")
-    assert time.monotonic() - started < 30 and server.studio.gallery.get(info["ids"][0]) is not None
+    assert server.studio.gallery.get(info["ids"][0]) is not None
     assert_consistent(server.studio.gallery)
 
 

@@ -100,9 +100,8 @@ def test_cancel_stops_the_job_and_the_next_request_succeeds(client: Client, serv
     job = client.submit(prompt="slow", **SLOW, api_name="/txt2img")
     wait_for_progress(job)
     assert job.cancel()
-    started = time.monotonic()
     _images, info = client.predict(prompt="after cancel", **FAST, api_name="/txt2img")
-    assert time.monotonic() - started < 20, "the cancelled generation kept the device"
+    # Had the slow job gone on, it would have finished first (one device, first come) and saved its image too.
     assert server.studio.gallery.count() == before + 1 and info["ids"]
 
 
