@@ -1,11 +1,12 @@
 """Train tiny-shapes: a small Stable Diffusion pipeline that draws the scenes of training/shapes.py.
 
-    .venv/bin/python -m training.train    # the shipped model: about 30 minutes on 2 busy CPU cores
+    .venv/bin/python -m training.train    # the shipped model: about 45 minutes on 2 idle CPU cores
 
 Phase 1 trains the VAE (64x64 pictures <-> 4x16x16 latents), phase 2 the text encoder and the UNet
 (v-prediction, zero terminal SNR, 10% empty captions for classifier-free guidance). Every batch, noise and timestep
 comes from (seed, phase, step), so a run is reproducible and resumes from its last checkpoint
-(training/runs/<run>/checkpoint.pt) exactly. The loss log is training/runs/<run>/loss.csv.
+(training/runs/<run>/checkpoint.pt) exactly; it refuses to resume a run started with other settings. The loss
+log is training/runs/<run>/loss.csv.
 """
 
 from __future__ import annotations
@@ -261,11 +262,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
+
+
+# The settings that decide the weights; a run resumes only with the same ones.
+SETTINGS = ("seed", "vae_steps", "vae_batch", "vae_lr", "unet_steps", "batch", "unet_lr")
+
+
+def check_settings(run: Run, args: argparse.Namespace) -> None:
+    """Stop if the run folder holds a checkpoint of a run started with other settings (e.g. an older default)."""
+    saved = run.folder / "args.json"
+    if not (run.checkpoint.exists() and saved.exists()):
+        return
+    before = json.loads(saved.read_text())
+    changed = {key: (before.get(key), getattr(args, key)) for key in SETTINGS if before.get(key) != getattr(args, key)}
+    if changed:
+        raise SystemExit(
+            f"{run.folder} was started with other settings {changed} (before, now); "
+            "use another --run or delete that folder to start afresh"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = Run(Path(__file__).parent / "runs" / args.run)
+    check_settings(run, args)
     (run.folder / "args.json").write_text(json.dumps(vars(args), indent=2))
     scenes, _ = shapes.split_scenes()
     tokenizer = build_tokenizer()
