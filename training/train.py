@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from dreamsketch.tiny import END, MAX_TOKENS, START, byte_characters
+from dreamsketch.tiny import END, MAX_TOKENS, START, byte_characters, tiny_text_config
 from training import shapes
 
 # SD's betas, rescaled to zero terminal SNR: at 16x16 latents the plain schedule leaves the picture's colours
@@ -80,20 +80,7 @@ def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel
         sample_size=shapes.SIZE,
         mid_block_add_attention=False,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, hidden=64))
     unet = UNet2DConditionModel(
         sample_size=shapes.SIZE // 4,
         block_out_channels=(32, 64, 64),
