@@ -250,7 +250,7 @@ def engine_for(case: Case, pipe: Any, compile: bool, device: torch.device, backe
     if compile:
         apply_fast_path(pipe, backend)
     img2img = PIPELINE_CLASSES[case.family][1].from_pipe(pipe, dtype=pipe.dtype)
-    engine.cache.loaded[case.model_id] = LoadedModel(spec, pipe, img2img, pipe.scheduler.config)
+    engine.cache.loaded[case.model_id] = LoadedModel(spec, pipe, img2img, pipe.scheduler)
     return engine
 
 

@@ -188,12 +188,13 @@ class LocalEngine:
         first = jobs[0].request
         spec = model.spec
         pipe = model.txt2img if first.image is None else model.img2img
+        own = model.default_scheduler
         name = first.scheduler or spec.scheduler
         if name is None:
-            pipe.scheduler = model.default_scheduler_class.from_config(model.default_scheduler_config)
-            name = scheduler_name(pipe.scheduler)
+            pipe.scheduler = type(own).from_config(own.config)
+            name = scheduler_name(own)
         else:
-            pipe.scheduler = make_scheduler(name, model.default_scheduler_config)
+            pipe.scheduler = make_scheduler(name, own.config)
         spans, start = [], 0
         for job in jobs:
             spans.append(slice(start, start + job.request.batch_size))

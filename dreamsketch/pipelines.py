@@ -6,7 +6,7 @@ import gc
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,7 @@ class LoadedModel:
     spec: ModelSpec
     txt2img: Any
     img2img: Any
-    default_scheduler_config: Any
-    default_scheduler_class: Any = field(init=False)
-
-    def __post_init__(self) -> None:
-        # The model's own scheduler, remembered before any request swaps the pipelines' schedulers.
-        self.default_scheduler_class = type(self.txt2img.scheduler)
+    default_scheduler: Any  # the model's own, kept before any request swaps the pipelines' schedulers
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -164,7 +159,7 @@ class PipelineCache:
             warm_up(txt2img, spec.width, spec.height)
         img2img = img2img_class.from_pipe(txt2img, dtype=self.dtype)
         img2img.set_progress_bar_config(disable=True)
-        return LoadedModel(spec, txt2img, img2img, txt2img.scheduler.config)
+        return LoadedModel(spec, txt2img, img2img, txt2img.scheduler)
 
     def _load_txt2img(self, spec: ModelSpec, pipeline_class: Any) -> Any:
         kind = spec.source_kind
