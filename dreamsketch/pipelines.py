@@ -104,8 +104,44 @@ def is_available(spec: ModelSpec) -> bool:
     if kind == "folder":
         return (Path(spec.source) / "model_index.json").is_file()
     if kind == "single_file":
-        return Path(spec.source).is_file()
+        return Path(spec.source).is_file() and config_available(spec)
     return is_cached(spec.source) or hub_reachable()
+
+
+def config_available(spec: ModelSpec) -> bool:
+    """Whether a single file's `config` can be read now. Without one, diffusers picks a Hub repo from the
+    checkpoint's contents and uses it when cached or downloadable; that is known only when loading."""
+    if spec.config is None:
+        return True
+    if spec.config_kind == "folder":
+        return (Path(spec.config) / "model_index.json").is_file()
+    return is_cached(spec.config) or hub_reachable()
+
+
+def unavailable_reason(spec: ModelSpec) -> str:
+    """Why is_available(spec) is False."""
+    if spec.source_kind == "hub":
+        return f"not in the local cache and {hub_unusable()}"
+    if spec.source_kind != "single_file" or not Path(spec.source).is_file():
+        return "the weights are not where `source` points"
+    return configs_missing(spec)
+
+
+def configs_missing(spec: ModelSpec) -> str:
+    """Why a single file's pipeline configs cannot be read."""
+    if spec.config_kind == "folder":
+        return f"`config` ({spec.config}) is not a diffusers folder (model_index.json missing)"
+    if spec.config_kind == "hub":
+        return f"the configs of `config` ({spec.config}) are not in the local cache and {hub_unusable()}"
+    return (
+        "without `config`, diffusers needs the configs of the base model it recognises in the checkpoint, "
+        f"which are not in the local cache, and {hub_unusable()}; set `config` to a local diffusers folder "
+        "(or a cached Hub repo id) of the same architecture"
+    )
+
+
+def hub_unusable() -> str:
+    return "the Hub is offline (HF_HUB_OFFLINE)" if hub_offline() else "the Hub cannot be reached"
 
 
 def unavailable_message(spec: ModelSpec, reason: str) -> str:
@@ -169,15 +205,10 @@ class PipelineCache:
         if kind == "builtin":
             return build_tiny_pipeline().to(dtype=self.dtype)
         if not is_available(spec):
-            reason = "the weights are not where `source` points" if kind != "hub" else "not in the local cache"
-            if kind == "hub" and hub_offline():
-                reason += " and the Hub is offline (HF_HUB_OFFLINE)"
-            elif kind == "hub":
-                reason += " and the Hub cannot be reached"
-            raise ModelUnavailableError(unavailable_message(spec, reason))
+            raise ModelUnavailableError(unavailable_message(spec, unavailable_reason(spec)))
         try:
             if kind == "single_file":
-                return pipeline_class.from_single_file(spec.source, dtype=self.dtype, token=self.hf_token, **extra)
+                return self._load_single_file(spec, pipeline_class, extra)
             return pipeline_class.from_pretrained(
                 spec.source,
                 dtype=self.dtype,
@@ -192,6 +223,27 @@ class PipelineCache:
             raise ModelUnavailableError(unavailable_message(spec, "no such repo on the Hub")) from None
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             raise ModelUnavailableError(unavailable_message(spec, f"the weights could not be read ({exc})")) from None
+
+    def _load_single_file(self, spec: ModelSpec, pipeline_class: Any, extra: dict[str, Any]) -> Any:
+        """The weights come from the file; the pipeline's configs (and tokenizer) from `config`."""
+        try:
+            return pipeline_class.from_single_file(
+                spec.source,
+                config=spec.config,
+                dtype=self.dtype,
+                token=self.hf_token,
+                cache_dir=hub_cache_dir(),
+                local_files_only=hub_offline() or (spec.config_kind != "folder" and not hub_reachable()),
+                **extra,
+            )
+        except LocalEntryNotFoundError:
+            raise ModelUnavailableError(unavailable_message(spec, configs_missing(spec))) from None
+        except ValueError as exc:  # weights of other shapes than the configs describe
+            configs = f"`config` ({spec.config})" if spec.config else "the configs diffusers chose for it"
+            detail = str(exc).split(". ")[0]  # the rest advises loading with random weights
+            raise ModelUnavailableError(
+                unavailable_message(spec, f"the checkpoint does not fit {configs} ({detail})")
+            ) from None
 
 
 def free_memory() -> None:

@@ -17,7 +17,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REQUIRED = ("id", "name", "source", "family", "width", "height", "steps", "guidance_scale")
-_OPTIONAL = ("scheduler", "description")
+_OPTIONAL = ("scheduler", "description", "config")
 
 
 class RegistryError(ValueError):
@@ -36,6 +36,7 @@ class ModelSpec:
     guidance_scale: float
     scheduler: str | None = None
     description: str = ""
+    config: str | None = None  # single files only: the diffusers folder or Hub repo with the pipeline's configs
 
     @property
     def source_kind(self) -> str:
@@ -47,6 +48,13 @@ class ModelSpec:
         if Path(self.source).is_absolute():
             return "folder"
         return "hub"
+
+    @property
+    def config_kind(self) -> str | None:
+        """None (no `config`), "folder" or "hub"."""
+        if self.config is None:
+            return None
+        return "folder" if Path(self.config).is_absolute() else "hub"
 
     @property
     def native_area(self) -> int:
@@ -140,6 +148,11 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
     source = _resolve_source(entry["source"], path.parent)
     if source != BUILTIN_TINY and source.startswith("builtin:"):
         raise fail("source", f"the only builtin source is {BUILTIN_TINY}")
+    config = entry.get("config")
+    if "config" in entry:
+        if not isinstance(config, str) or not config.strip():
+            raise fail("config", "must be a non-empty string")
+        config = _resolve_source(config, path.parent)
     spec = ModelSpec(
         id=entry["id"],
         name=entry["name"],
@@ -151,10 +164,27 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
         guidance_scale=float(guidance),
         scheduler=scheduler,
         description=str(entry.get("description", "")),
+        config=config,
     )
     if spec.source_kind == "hub" and not _REPO_ID.match(source):
         raise fail("source", "not a Hub repo id (owner/name), a local path, a .safetensors/.ckpt file or builtin:tiny")
+    config_rule = _config_rule(spec)
+    if config_rule:
+        raise fail("config", config_rule)
     return spec
+
+
+def _config_rule(spec: ModelSpec) -> str | None:
+    """What is wrong with the entry's `config`, if anything."""
+    if spec.config is None:
+        return None
+    if spec.source_kind != "single_file":
+        return "only for a single-file .safetensors/.ckpt source"
+    if spec.config_kind == "folder" and not (Path(spec.config) / "model_index.json").is_file():
+        return f"no diffusers folder at {spec.config} (model_index.json missing)"
+    if spec.config_kind == "hub" and not _REPO_ID.match(spec.config):
+        return "not a local diffusers folder or a Hub repo id (owner/name)"
+    return None
 
 
 def _resolve_source(source: str, base: Path) -> str:

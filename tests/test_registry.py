@@ -40,6 +40,11 @@ def test_shipped_registry_has_the_seed_models():
         ({"source": "not a repo id"}, "source", "not a Hub repo id"),
         ({"id": "Has Spaces"}, "id", "lower-case"),
         ({"colour": "red"}, "colour", "unknown field"),
+        ({"config": "owner/base"}, "config", "only for a single-file .safetensors/.ckpt source"),
+        ({"source": "m.safetensors", "config": ""}, "config", "non-empty"),
+        ({"source": "m.safetensors", "config": "./nowhere"}, "config", "nowhere (model_index.json missing)"),
+        ({"source": "m.safetensors", "config": "."}, "config", "no diffusers folder"),
+        ({"source": "m.safetensors", "config": "not a repo"}, "config", "not a local diffusers folder or a Hub"),
     ],
 )
 def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
@@ -90,6 +95,26 @@ def test_source_kinds_resolve_relative_to_the_file(tmp_path):
     assert kinds == {"hub": "hub", "folder": "folder", "dotted": "folder", "single": "single_file", "tiny": "builtin"}
     assert registry.get("folder").source == str(tmp_path / "local-model")
     assert registry.get("single").source == str(tmp_path / "weights" / "model.safetensors")
+
+
+def test_config_resolves_like_source(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{}")
+    path = write_registry(
+        tmp_path / "m.yaml",
+        [
+            entry("local", "model.ckpt", config="base"),
+            entry("hub", "model.safetensors", config="owner/base-model"),
+            entry("none", "model.safetensors"),
+        ],
+    )
+    registry = load_registry(path)
+    configs = {spec.id: (spec.config, spec.config_kind) for spec in registry}
+    assert configs == {
+        "local": (str(tmp_path / "base"), "folder"),
+        "hub": ("owner/base-model", "hub"),
+        "none": (None, None),
+    }
 
 
 def test_settings_from_env_and_errors():

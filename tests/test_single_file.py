@@ -1,0 +1,155 @@
+"""Single-file checkpoints (.safetensors / .ckpt in the original Stable Diffusion layout), loaded offline."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreamsketch.engine import LocalEngine
+from dreamsketch.gallery import read_parameters
+from dreamsketch.pipelines import ModelUnavailableError, hub_offline, is_available
+from dreamsketch.registry import load_registry
+from dreamsketch.studio import Studio
+from tests.conftest import TINY_REPO, entry, lay_into_hub_cache, write_registry
+from tests.ldm_checkpoint import save_checkpoint
+
+SKETCH = Image.fromarray(np.arange(128 * 128 * 3, dtype=np.uint8).reshape(128, 128, 3))
+
+
+@pytest.fixture(scope="session")
+def config_dir(tiny_pipeline_dir, tmp_path_factory):
+    """The tiny pipeline's configs and tokenizer files without its weights: what `config` points at."""
+    folder = tmp_path_factory.mktemp("config") / "tiny-config"
+    shutil.copytree(tiny_pipeline_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_pipeline_dir, tmp_path_factory):
+    """The tiny pipeline folder's weights as single files, by suffix."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    folder = tmp_path_factory.mktemp("single-file")
+    return {suffix: save_checkpoint(pipe, folder / f"tiny{suffix}") for suffix in (".safetensors", ".ckpt")}
+
+
+@pytest.fixture
+def empty_hf_home(tmp_path, monkeypatch):
+    hf_home = tmp_path / "hf-home"
+    hf_home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert hub_offline()
+    return hf_home
+
+
+def draw(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(3)
+    return pipe("a fox", num_inference_steps=2, generator=generator, output_type="np").images
+
+
+def generate(studio, model_id):
+    """A txt2img and an img2img picture with fixed seeds, as arrays, and the PNG parameters of both."""
+    fields = {"prompt": "a fox", "seed": 3, "steps": 2, "model_id": model_id}
+    results = [
+        studio.generate(studio.parse(fields, "txt2img")),
+        studio.generate(studio.parse({**fields, "image": SKETCH, "strength": 0.5}, "img2img")),
+    ]
+    entries = [result.entries[0] for result in results]
+    pictures = [np.asarray(Image.open(studio.gallery.folder / e.file_name).convert("RGB")) for e in entries]
+    return pictures, [read_parameters(Image.open(studio.gallery.folder / e.file_name)) for e in entries]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_checkpoint_loads_back_into_the_same_pipeline(tiny_pipeline_dir, config_dir, checkpoints, suffix):
+    original = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(checkpoints[suffix]), config=str(config_dir), safety_checker=None, requires_safety_checker=False
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys(), name
+        assert [key for key in want if not torch.equal(want[key], got[key])] == [], name
+    assert np.array_equal(draw(original), draw(loaded))
+
+
+def test_checkpoint_has_the_original_layout(checkpoints):
+    state = load_file(checkpoints[".safetensors"])
+    assert {key.split(".")[0] for key in state} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.2.0.op.weight" in state  # the first block's downsampler
+    assert "first_stage_model.decoder.up.0.upsample.conv.weight" not in state  # up.0: the highest resolution
+    for layer in ("q", "k", "v", "proj_out"):
+        assert state[f"first_stage_model.encoder.mid.attn_1.{layer}.weight"].ndim == 4  # 1x1 convolutions
+
+
+@pytest.mark.parametrize(
+    "suffix, config", [(".safetensors", "./tiny-config"), (".ckpt", "./tiny-config"), (".safetensors", TINY_REPO)]
+)
+def test_single_file_entry_draws_what_the_folder_draws(
+    settings, tmp_path, empty_hf_home, tiny_pipeline_dir, config_dir, checkpoints, suffix, config
+):
+    (tmp_path / "weights").mkdir()
+    shutil.copy(checkpoints[suffix], tmp_path / "weights" / f"tiny{suffix}")
+    if config == TINY_REPO:
+        lay_into_hub_cache(config_dir, empty_hf_home, TINY_REPO)
+    else:
+        shutil.copytree(config_dir, tmp_path / "tiny-config")
+    registry = write_registry(
+        tmp_path / "single.yaml",
+        [entry("tiny-file", f"weights/tiny{suffix}", config=config), entry("tiny-folder", str(tiny_pipeline_dir))],
+    )
+    studio = Studio(dataclasses.replace(settings, models_file=registry, default_model=None))
+    assert studio.default_model == "tiny-file"  # usable offline, so chosen first
+
+    pictures, parameters = generate(studio, "tiny-file")
+    model = studio.engine.cache.get("tiny-file")
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        assert getattr(model.img2img, part) is getattr(model.txt2img, part)
+    assert all("Model: tiny-file" in text for text in parameters) and "Denoising strength: 0.5" in parameters[1]
+    folder_pictures, _ = generate(studio, "tiny-folder")
+    assert all(np.array_equal(a, b) for a, b in zip(pictures, folder_pictures, strict=True))
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (None, "without `config`, diffusers needs the configs of the base model"),
+        ("nobody-here/not-cached", "the configs of `config` (nobody-here/not-cached) are not in the local cache"),
+    ],
+)
+def test_single_file_without_configs_offline_says_what_to_do(
+    settings, tmp_path, empty_hf_home, checkpoints, config, reason
+):
+    extra = {"config": config} if config else {}
+    registry = write_registry(
+        tmp_path / "single.yaml",
+        [entry("tiny-file", str(checkpoints[".safetensors"]), **extra), entry("tiny-demo", "builtin:tiny")],
+    )
+    studio = Studio(dataclasses.replace(settings, models_file=registry))
+    assert is_available(studio.registry.get("tiny-file")) == (config is None)  # a guess is only tried when loading
+    with pytest.raises(ModelUnavailableError) as error:
+        studio.generate(studio.parse({"prompt": "a fox", "model_id": "tiny-file"}, "txt2img"))
+    message = str(error.value)
+    for needed in ("'tiny-file'", reason, "HF_HUB_OFFLINE", "tiny-demo"):
+        assert needed in message
+    assert "Traceback" not in message
+    assert studio.engine.loaded_ids() == [] and studio.gallery.count() == 0
+
+
+def test_checkpoint_that_does_not_fit_its_config_names_both(settings, tmp_path, config_dir, checkpoints):
+    other = shutil.copytree(config_dir, tmp_path / "other-config")
+    unet_config = json.loads((other / "unet" / "config.json").read_text())
+    (other / "unet" / "config.json").write_text(json.dumps({**unet_config, "block_out_channels": [16, 32]}))
+    registry = write_registry(
+        tmp_path / "single.yaml", [entry("tiny-file", str(checkpoints[".safetensors"]), config=str(other))]
+    )
+    engine = LocalEngine(settings, load_registry(registry))
+    with pytest.raises(ModelUnavailableError, match=r"'tiny-file'.*does not fit `config` \(.*other-config\)"):
+        engine.preload("tiny-file")
+    assert engine.loaded_ids() == []
