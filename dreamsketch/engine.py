@@ -108,6 +108,7 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...]:
         request.guidance_scale,
         request.scheduler,
         request.strength,
+        not request.negative_prompt,  # decides how the unconditional branch is encoded (see _run)
     )
 
 
@@ -216,9 +217,12 @@ class LocalEngine:
                 raise GenerationCancelled
             return {}
 
+        # No negative prompt is passed as None, not "": SDXL then conditions its unconditional branch on zeros
+        # (force_zeros_for_empty_prompt), as it was trained; SD 1.x/2.x encode "" either way.
+        negative = [job.request.negative_prompt for job in jobs for _ in range(job.request.batch_size)]
         kwargs: dict[str, Any] = dict(
             prompt=[job.request.prompt for job in jobs for _ in range(job.request.batch_size)],
-            negative_prompt=[job.request.negative_prompt for job in jobs for _ in range(job.request.batch_size)],
+            negative_prompt=negative if first.negative_prompt else None,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.image_seeds()],

@@ -5,9 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from dreamsketch.engine import LocalEngine
+from dreamsketch.engine import LocalEngine, batch_key
 from dreamsketch.pipelines import ModelUnavailableError, is_available
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
@@ -112,6 +113,32 @@ def test_sdxl_family_folder_loads_with_the_sdxl_pipelines(settings, tmp_path):
     fields = {"prompt": "a fox", "seed": 3, "steps": 4, "image": Image.fromarray(text_image), "strength": 0.5}
     result = engine.generate(parse_request(fields, engine.cache.registry, "img2img", "tiny-xl"))
     assert result.images[0].size == (128, 128) and text_image.shape == (128, 128, 3)
+
+
+def test_sdxl_without_a_negative_prompt_gives_plain_diffusers_picture(settings, tmp_path):
+    """No negative prompt means zero embeddings for SDXL's unconditional branch, as in diffusers; a merged batch
+    never mixes requests with and without one."""
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "tiny-sdxl")
+    registry = write_registry(tmp_path / "xl.yaml", [entry("tiny-xl", str(tmp_path / "tiny-sdxl"), family="sdxl")])
+    engine = LocalEngine(settings, load_registry(registry))
+    plain = StableDiffusionXLPipeline.from_pretrained(tmp_path / "tiny-sdxl")
+    plain.set_progress_bar_config(disable=True)
+    for negative in ("", "blurry"):
+        fields = {"prompt": "a fox", "negative_prompt": negative, "seed": 3, "steps": 2}
+        image = engine.generate(parse_request(fields, engine.cache.registry, "txt2img", "tiny-xl")).images[0]
+        expected = plain(
+            "a fox",
+            negative_prompt=negative or None,
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            width=128,
+            height=128,
+            generator=[torch.Generator().manual_seed(3)],
+        ).images[0]
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+    assert batch_key(parse_request({"prompt": "a"}, engine.cache.registry, "txt2img", "tiny-xl")) != batch_key(
+        parse_request({"prompt": "a", "negative_prompt": "b"}, engine.cache.registry, "txt2img", "tiny-xl")
+    )
 
 
 def test_sdxl_vae_that_asks_for_upcast_decodes_in_fp32_straight_away(settings, tmp_path):
