@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH := torch==2.13.0
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: run test lint train-tiny clean
+.PHONY: run test lint train-tiny gpu-wheels clean
 
 run: $(VENV)/.installed
 	$(PY) app.py
@@ -21,6 +21,11 @@ lint: $(VENV)/.installed-test
 
 train-tiny: $(VENV)/.installed
 	$(TEST_ENV) $(PY) -m training.train
+
+# The wheels that the lent GPU machine (Python 3.12, torch, transformers) lacks, for benchmarks/device.sh.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 python-dotenv==1.2.4 importlib_metadata==8.7.0
 
 # Without an NVIDIA GPU, install the CPU build of torch first so pip does not fetch the CUDA one.
 $(VENV)/.torch:

@@ -1,4 +1,5 @@
-"""Plain diffusers against DreamSketch's engine (default and DREAMSKETCH_COMPILE=1), in one process run.
+"""Plain diffusers against DreamSketch's engine (default, the fast path's CUDA graphs alone, and the whole fast
+path of DREAMSKETCH_COMPILE=1), in one process run.
 
 Full-size SD 1.5 (512x512) and SDXL (1024x1024) architectures with random weights (the compute is that of
 real weights), fp16, 30 steps, CFG 7.5, batch 1. Prints one JSON document.
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -42,6 +44,8 @@ from dreamsketch.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny
 
 PEAK_TFLOPS = 790.0  # dense fp16 tensor-core peak of an H100/H200 SXM
 CONCURRENCY = (4, 8)
+# The engine's variants, measured after plain diffusers on the same pipeline object, in this order.
+VARIANTS = {"dreamsketch": None, "dreamsketch_graphs": "graphs", "dreamsketch_compile": "compile"}
 
 
 def sd15_pipeline() -> StableDiffusionPipeline:
@@ -218,6 +222,10 @@ def measure(run: Callable[[], Any], timer: UnetTimer, runs: int, cuda: bool) -> 
     }
 
 
+def pixels(image: Any) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
 def timed(run: Callable[[], Any], cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
@@ -242,13 +250,16 @@ def concurrent_throughput(call: Callable[[int], Any], clients: int, cuda: bool) 
     return clients / timed(round_of_requests, cuda)
 
 
-def engine_for(case: Case, pipe: Any, compile: bool, device: torch.device, backend: str) -> LocalEngine:
-    """A DreamSketch engine holding an already built pipeline (same weights as the plain run)."""
+def engine_for(case: Case, pipe: Any, fast_path: str | None, device: torch.device, backend: str) -> LocalEngine:
+    """A DreamSketch engine holding an already built pipeline (same weights as the plain run).
+
+    fast_path: None (the default engine), "graphs" (the fast path without torch.compile) or "compile"."""
     spec = ModelSpec(case.model_id, case.model_id, "builtin:tiny", case.family, case.size, case.size, case.steps, 7.5)
-    settings = Settings(device=device.type, compile=compile)
+    settings = Settings(device=device.type, compile=fast_path == "compile")
     engine = LocalEngine(settings, Registry([spec]))
-    if compile:
-        apply_fast_path(pipe, backend)
+    if fast_path:
+        vars(pipe.unet).pop("forward", None)  # graphs captured by an earlier variant hold other kernels
+        apply_fast_path(pipe, backend if fast_path == "compile" else None)
     img2img = PIPELINE_CLASSES[case.family][1].from_pipe(pipe, dtype=pipe.dtype)
     engine.cache.loaded[case.model_id] = LoadedModel(spec, pipe, img2img, pipe.scheduler)
     return engine
@@ -277,6 +288,7 @@ def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, 
     def plain_call(seed: int = 0) -> Any:
         return pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images
 
+    reference = pixels(plain_call(0)[0])
     timer = UnetTimer(pipe.unet, cuda)
     plain = measure(plain_call, timer, runs, cuda)
     timer.close()
@@ -285,19 +297,20 @@ def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, 
     }
     results["plain_diffusers"] = plain
 
-    for name, compile in (("dreamsketch", False), ("dreamsketch_compile", True)):
-        engine = engine_for(case, pipe, compile, device, backend)
+    for name, fast_path in VARIANTS.items():
+        engine = engine_for(case, pipe, fast_path, device, backend)
         timer = UnetTimer(pipe.unet, cuda)
         engine_call = engine_caller(engine, case)
         stats = measure(engine_call, timer, runs, cuda)
         timer.close()
+        difference = np.abs(pixels(engine_call(0)[0]) - reference)
+        stats["pixel_difference_vs_plain"] = {"max": int(difference.max()), "mean": round(float(difference.mean()), 3)}
         stats["concurrent_images_per_s"] = {
             n: round(concurrent_throughput(engine_call, n, cuda), 3) for n in CONCURRENCY
         }
         results[name] = stats
-        pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
 
-    for name in ("plain_diffusers", "dreamsketch", "dreamsketch_compile"):
+    for name in ("plain_diffusers", *VARIANTS):
         stats = results[name]
         step_s = stats["unet_ms_per_step"] / 1000
         stats["it_per_s"] = round(case.steps / stats["latency_p50_s"], 2)

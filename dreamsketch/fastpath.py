@@ -1,23 +1,32 @@
-"""DREAMSKETCH_COMPILE=1: the compiled fast path. Same pictures as the plain path, up to fp16 noise.
+"""DREAMSKETCH_COMPILE=1: the fast path. Same pictures as the plain path, up to fp16 noise.
 
-channels_last memory, fused QKV projections, and the UNet compiled by torch.compile; on CUDA in
-"reduce-overhead" mode, which replays each request's static shapes as CUDA graphs (one UNet step of
-SD 1.5 at 512x512 is mostly kernel-launch overhead). Inductor's caches live in a persistent folder so a
-restart compiles from cache."""
+- channels_last memory and fused QKV projections;
+- regional compilation: torch.compile on the UNet's repeated blocks (resnets and transformer blocks) rather
+  than on the whole UNet, with dynamic shapes, so that the number of compilations depends on the block
+  configurations only, not on the batch sizes and picture sizes a server sees; inductor's caches live in a
+  persistent folder so that a restart compiles from cache;
+- on CUDA, each UNet call replays a CUDA graph captured once per input shape: one UNet step of SD 1.5 at
+  512x512 is mostly kernel-launch overhead (DESIGN.md, "Performance facts").
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 log = logging.getLogger(__name__)
 
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dreamsketch" / "torch-compile"
-RECOMPILE_LIMIT = 64  # one graph per batch size and image size a server sees
+REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")
+RECOMPILE_LIMIT = 64  # compiled variants per block class (one per block configuration)
+MAX_GRAPHS = 32  # captured input shapes (batch size x picture size); later new shapes run eagerly
+GRAPH_WARMUP_CALLS = 2  # eager calls on a side stream before capture (compiles, lazy CUDA initialisation)
 
 
 def configure_compile_cache() -> None:
@@ -27,28 +36,103 @@ def configure_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def apply_fast_path(pipe: Any, backend: str = "inductor") -> Any:
+def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
     """Make a loaded txt2img pipeline fast in place (img2img shares its modules, so it is fast too).
 
-    `backend` is torch.compile's; tests on the CPU use "aot_eager" to check the traced graph quickly."""
+    `backend` is torch.compile's (None: no compilation); tests on the CPU use "aot_eager"."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe.unet.fuse_qkv_projections()
+    if backend is not None:
+        compile_regions(pipe.unet, backend)
+    graphs = pipe.device.type == "cuda"
+    if graphs:
+        pipe.unet.forward = CudaGraphs(pipe.unet.forward)
+    log.info("fast path on: channels_last, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)
+    return pipe
+
+
+def compile_regions(unet: torch.nn.Module, backend: str) -> None:
     configure_compile_cache()
     import torch._dynamo
     import torch._inductor.config as inductor
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
     inductor.conv_1x1_as_mm = True
-    inductor.coordinate_descent_tuning = True
     inductor.epilogue_fusion = False
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    pipe.unet.fuse_qkv_projections()
-    mode = "reduce-overhead" if pipe.device.type == "cuda" and backend == "inductor" else None
-    pipe.unet = torch.compile(pipe.unet, backend=backend, mode=mode, fullgraph=True, dynamic=False)
-    log.info("fast path on: channels_last, fused QKV, torch.compile(mode=%s)", mode)
-    return pipe
+    for module in unet.modules():
+        if type(module).__name__ in REGIONS:
+            module.compile(backend=backend, fullgraph=True, dynamic=True)
+
+
+class CudaGraphs:
+    """Wraps a module's forward: the first call with a new input signature (tensor shapes and dtypes, other
+    arguments' values) captures a CUDA graph; later calls copy their tensors into the graph's inputs and replay
+    it. Callers must not run two calls at once (the engine holds its device lock)."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any] | None] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        key = signature(leaves, spec)
+        if key is not None and key not in self.graphs and len(self.graphs) < MAX_GRAPHS:
+            self.graphs[key] = self.capture(leaves, spec)
+        captured = self.graphs.get(key) if key is not None else None
+        if captured is None:
+            return self.forward(*args, **kwargs)
+        graph, inputs, output = captured
+        for static, leaf in zip(inputs, (leaf for leaf in leaves if isinstance(leaf, torch.Tensor)), strict=True):
+            static.copy_(leaf)
+        graph.replay()
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
+
+    def capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any] | None:
+        """The graph, its input tensors and its output; None (this signature runs eagerly) if it cannot be
+        captured, e.g. because the forward synchronises with the CPU."""
+        try:
+            captured = self._capture(leaves, spec)
+        except RuntimeError as exc:
+            log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
+            return None
+        log.info("captured a CUDA graph (%d so far)", len(self.graphs) + 1)
+        return captured
+
+    def _capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]:
+        # Normal tensors (not inference tensors), so that later calls under no_grad may copy into them.
+        with torch.inference_mode(False), torch.no_grad():
+            static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            args, kwargs = tree_unflatten(static, spec)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_CALLS):
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                output = self.forward(*args, **kwargs)
+        return graph, [x for x in static if isinstance(x, torch.Tensor)], output
+
+
+def signature(leaves: list[Any], spec: Any) -> tuple | None:
+    """What a captured graph is specific to; None when an argument is neither a CUDA tensor nor a plain value."""
+    parts: list[Any] = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "cuda":
+            return None
+        if isinstance(leaf, torch.Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            parts.append(leaf)
+        else:
+            return None
+    return tuple(parts)
 
 
 def warm_up(pipe: Any, width: int, height: int) -> None:
-    """Compile ahead of the first request: one short run at the model's native size."""
-    with torch.inference_mode():
+    """Compile and capture ahead of the first request: one short run at the model's native size."""
+    with torch.no_grad():
         pipe(prompt="", num_inference_steps=2, width=width, height=height, output_type="latent")

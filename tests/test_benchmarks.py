@@ -19,11 +19,13 @@ def test_gpu_pipeline_small_form_reports_every_figure(capsys):
 
 
 def check_model_figures(model):
-    for variant in ("plain_diffusers", "dreamsketch", "dreamsketch_compile"):
+    for variant in ("plain_diffusers", *gpu_pipeline.VARIANTS):
         stats = model[variant]
         for key in ("latency_p50_s", "unet_ms_per_step", "it_per_s", "achieved_tflops", "share_of_peak_pct"):
             assert stats[key] >= 0
         assert stats["first_call_s"] > 0
+    for variant in gpu_pipeline.VARIANTS:  # fp32 on the CPU: the engine's picture is plain diffusers'
+        assert model[variant]["pixel_difference_vs_plain"]["max"] <= 2
     assert set(model["plain_diffusers"]["sequential_images_per_s"]) == {"4", "8"}
     assert set(model["dreamsketch_compile"]["concurrent_images_per_s"]) == {"4", "8"}
 

@@ -1,14 +1,16 @@
-"""The compiled fast path gives the plain path's pictures. On the CPU torch.compile traces with aot_eager
-(inductor's CPU code generation takes minutes on two cores); on CUDA the same graph goes to inductor."""
+"""The fast path gives the plain path's pictures. On the CPU torch.compile traces with aot_eager (inductor's CPU
+code generation takes minutes on two cores); on CUDA the same graphs go to inductor and are replayed as CUDA
+graphs (the CUDA tests run on a GPU machine; see benchmarks/README.md)."""
 
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 import dreamsketch.fastpath
 from dreamsketch.engine import LocalEngine
-from dreamsketch.fastpath import apply_fast_path
+from dreamsketch.fastpath import REGIONS, CudaGraphs, apply_fast_path, signature
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
 from dreamsketch.tiny import build_tiny_pipeline
@@ -16,8 +18,10 @@ from dreamsketch.tiny import build_tiny_pipeline
 
 def test_fast_path_output_equals_the_plain_path():
     plain, fast = build_tiny_pipeline(), apply_fast_path(build_tiny_pipeline(), backend="aot_eager")
-    assert fast.unet.__class__.__name__ == "OptimizedModule"
-    unet = fast.unet._orig_mod
+    unet = fast.unet
+    regions = [module for module in unet.modules() if type(module).__name__ in REGIONS]
+    assert {type(module).__name__ for module in regions} == set(REGIONS)
+    assert all(module._compiled_call_impl is not None for module in regions)
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert any(hasattr(module, "to_qkv") for module in unet.modules())  # fused QKV projections
     kwargs = dict(prompt="a red fox", num_inference_steps=4, height=128, width=128, output_type="np")
@@ -43,3 +47,28 @@ def test_compile_setting_applies_the_fast_path_and_warms_up_at_load(settings, mo
     plain_image = np.asarray(plain.generate(request).images[0], dtype=np.int16)
     assert calls == ["inductor"]
     assert np.abs(fast_image - plain_image).max() <= 1
+
+
+def test_graph_signature_tells_shapes_apart_and_refuses_what_it_cannot_replay():
+    sample = torch.zeros(2, 4, 8, 8)
+    assert signature([sample, None, False], "spec") is None  # a CPU tensor: no CUDA graph
+    assert signature([object()], "spec") is None
+    assert signature([1.5, None, "x"], "spec") == ("spec", 1.5, None, "x")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("backend", [None, "inductor"])
+def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(backend):
+    plain = build_tiny_pipeline().to("cuda", torch.float16)
+    fast = apply_fast_path(build_tiny_pipeline().to("cuda", torch.float16), backend=backend)
+    assert isinstance(fast.unet.forward, CudaGraphs)
+    kwargs = dict(prompt=["a red fox"], num_inference_steps=4, height=128, width=128, output_type="np")
+    for batch, seed in ((1, 1), (1, 2), (3, 3)):
+        a = plain(**{**kwargs, "prompt": kwargs["prompt"] * batch}, generator=torch.Generator().manual_seed(seed))
+        b = fast(**{**kwargs, "prompt": kwargs["prompt"] * batch}, generator=torch.Generator().manual_seed(seed))
+        assert np.abs(a.images - b.images).max() < 2e-2  # fp16 noise
+    assert len(fast.unet.forward.graphs) == 2  # one graph per input shape: CFG batches 2 and 6
+    assert all(captured is not None for captured in fast.unet.forward.graphs.values())
