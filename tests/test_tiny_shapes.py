@@ -45,8 +45,9 @@ def test_draws_the_asked_colours(model) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_draws_the_asked_shapes(model) -> None:  # type: ignore[no-untyped-def]
-    images = evaluate.generate(model.txt2img, [s.caption() for s in SCENES], seed=10)
-    assert sum(evaluate.judge(image).shape == s.shape for s, image in zip(SCENES, images, strict=True)) >= 5
+    """Chance is 33%; squares are its weak spot (they come out with rounded corners), so 30 prompts, not 6."""
+    scenes, prompts = zip(*evaluate.held_out_prompts(30, seed=7), strict=True)
+    assert evaluate.accuracy(list(scenes), evaluate.generate(model.txt2img, list(prompts)))["shape"] >= 60
 
 
 def test_guidance_makes_it_follow_the_prompt(model) -> None:  # type: ignore[no-untyped-def]
