@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dreamsketch.config import Settings
@@ -50,11 +51,28 @@ def test_draws_the_asked_shapes(model) -> None:  # type: ignore[no-untyped-def]
     assert evaluate.accuracy(list(scenes), evaluate.generate(model.txt2img, list(prompts)))["shape"] >= 60
 
 
+def colour_error(scenes: list[shapes.Scene], images: list) -> float:  # type: ignore[type-arg]
+    """Mean RGB distance between the judged shape's median colour and the colour the prompt names
+    (255 where no shape was drawn)."""
+    errors = []
+    for scene, image in zip(scenes, images, strict=True):
+        pixels = np.asarray(image, dtype=float)[evaluate.judge(image).mask]
+        named = shapes.COLOURS[scene.colour]
+        errors.append(np.linalg.norm(np.median(pixels, axis=0) - named) if len(pixels) else 255.0)
+    return float(np.mean(errors))
+
+
 def test_guidance_makes_it_follow_the_prompt(model) -> None:  # type: ignore[no-untyped-def]
-    scenes, prompts = zip(*evaluate.held_out_prompts(24, seed=5), strict=True)
-    with_guidance = evaluate.accuracy(list(scenes), evaluate.generate(model.txt2img, list(prompts)))
-    without = evaluate.accuracy(list(scenes), evaluate.generate(model.txt2img, list(prompts), guidance_scale=1.0))
-    assert with_guidance["all three"] > without["all three"]
+    """At the registry's guidance (2) the shape's colour is nearer the named one than without guidance (1).
+    (Accuracy rises too, 85% against 79% of all three right on the 200 held-out prompts, but on 40 prompts
+    that gap is within noise.)"""
+    scenes, prompts = zip(*evaluate.held_out_prompts(40, seed=5), strict=True)
+    assert model.spec.guidance_scale == 2.0
+    by_guidance = {
+        g: colour_error(list(scenes), evaluate.generate(model.txt2img, list(prompts), guidance_scale=g))
+        for g in (2.0, 1.0)
+    }
+    assert by_guidance[2.0] < 0.85 * by_guidance[1.0]
 
 
 def test_img2img_strength_trades_layout_for_prompt(model) -> None:  # type: ignore[no-untyped-def]
