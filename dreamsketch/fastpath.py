@@ -78,9 +78,11 @@ class CudaGraphs:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         key = signature(leaves, spec)
-        if key is not None and key not in self.graphs and len(self.graphs) < MAX_GRAPHS:
+        if key is None:
+            return self.forward(*args, **kwargs)
+        if key not in self.graphs and len(self.graphs) < MAX_GRAPHS:
             self.graphs[key] = self.capture(leaves, spec)
-        captured = self.graphs.get(key) if key is not None else None
+        captured = self.graphs.get(key)
         if captured is None:
             return self.forward(*args, **kwargs)
         graph, inputs, output = captured
@@ -121,9 +123,9 @@ def signature(leaves: list[Any], spec: Any) -> tuple | None:
     """What a captured graph is specific to; None when an argument is neither a CUDA tensor nor a plain value."""
     parts: list[Any] = [str(spec)]
     for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.device.type != "cuda":
-            return None
         if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != "cuda":
+                return None
             parts.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
         elif leaf is None or isinstance(leaf, (bool, int, float, str)):
             parts.append(leaf)

@@ -24,7 +24,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 
 from dreamsketch.config import Settings
 from dreamsketch.fastpath import apply_fast_path, warm_up
-from dreamsketch.registry import ModelSpec, Registry
+from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
 from dreamsketch.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def is_available(spec: ModelSpec) -> bool:
     if kind == "builtin":
         return True
     if kind == "folder":
-        return (Path(spec.source) / "model_index.json").is_file()
+        return is_diffusers_folder(spec.source)
     if kind == "single_file":
         return Path(spec.source).is_file() and config_available(spec)
     return is_cached(spec.source) or hub_reachable()
@@ -114,7 +114,7 @@ def config_available(spec: ModelSpec) -> bool:
     if spec.config is None:
         return True
     if spec.config_kind == "folder":
-        return (Path(spec.config) / "model_index.json").is_file()
+        return is_diffusers_folder(spec.config)
     return is_cached(spec.config) or hub_reachable()
 
 

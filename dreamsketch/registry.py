@@ -180,11 +180,15 @@ def _config_rule(spec: ModelSpec) -> str | None:
         return None
     if spec.source_kind != "single_file":
         return "only for a single-file .safetensors/.ckpt source"
-    if spec.config_kind == "folder" and not (Path(spec.config) / "model_index.json").is_file():
+    if spec.config_kind == "folder" and not is_diffusers_folder(spec.config):
         return f"no diffusers folder at {spec.config} (model_index.json missing)"
     if spec.config_kind == "hub" and not _REPO_ID.match(spec.config):
         return "not a local diffusers folder or a Hub repo id (owner/name)"
     return None
+
+
+def is_diffusers_folder(path: str) -> bool:
+    return (Path(path) / "model_index.json").is_file()
 
 
 def _resolve_source(source: str, base: Path) -> str:
