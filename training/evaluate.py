@@ -4,8 +4,9 @@
 
 The judge: the background colour is the median of the 2-pixel border; the shape is the largest connected
 region of pixels closer to the median of the clearly different pixels than to the background; its colour
-is that median, and its kind comes from how much of its bounding box it fills (triangle 1/2, circle pi/4,
-square 1). Colours are named by the nearest entry of training.shapes.COLOURS.
+is that median, and its kind is the ideal circle, square or triangle, drawn into the region's bounding box,
+that overlaps the region most (intersection over union). Colours are named by the nearest entry of
+training.shapes.COLOURS.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from training import shapes
 
 STEPS, GUIDANCE = 20, 5.0
 GUIDANCES = (GUIDANCE, 2.0, 1.0)  # the issue's 5 and 1 (no guidance), and 2: the registry's default for tiny-shapes
-FILL_RATIOS = {"triangle": 0.5, "circle": np.pi / 4, "square": 1.0}
 DIFFERENT = 60  # RGB distance from the background above which a pixel is clearly not background
 MARKERS = ("<!-- evaluation -->", "<!-- /evaluation -->")
 
@@ -56,10 +56,25 @@ def judge(image: Image.Image) -> Verdict:
     closer = np.linalg.norm(pixels - fill, axis=2) < np.linalg.norm(pixels - background, axis=2)
     labels, count = ndimage.label(closer)
     mask = labels == 1 + np.argmax(ndimage.sum(closer, labels, range(1, count + 1)))
+    return Verdict(colour_name(background), colour_name(fill), shape_name(mask), mask)
+
+
+def shape_overlaps(mask: np.ndarray) -> dict[str, float]:
+    """IoU of the mask with each shape's ideal form filling the mask's bounding box."""
     rows, cols = np.nonzero(mask)
-    ratio = mask.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
-    shape = min(FILL_RATIOS, key=lambda name: abs(FILL_RATIOS[name] - ratio))
-    return Verdict(colour_name(background), colour_name(fill), shape, mask)
+    region = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = region.shape
+    overlaps = {}
+    for shape in shapes.SHAPES:
+        ideal = Image.new("1", (width, height))
+        shapes.draw_shape(ImageDraw.Draw(ideal), shape, (0, 0, width - 1, height - 1), 1)
+        overlaps[shape] = iou(region, np.asarray(ideal))
+    return overlaps
+
+
+def shape_name(mask: np.ndarray) -> str:
+    overlaps = shape_overlaps(mask)
+    return max(overlaps, key=overlaps.__getitem__)
 
 
 def held_out_prompts(count: int, seed: int = 0) -> list[tuple[shapes.Scene, str]]:

@@ -90,16 +90,21 @@ def shape_box(scene: Scene, dx: int = 0, dy: int = 0) -> tuple[int, int, int, in
 
 def draw(scene: Scene, dx: int = 0, dy: int = 0) -> Image.Image:
     image = Image.new("RGB", (SIZE, SIZE), COLOURS[scene.background])
-    pen = ImageDraw.Draw(image)
-    left, top, right, bottom = shape_box(scene, dx, dy)
-    fill = COLOURS[scene.colour]
-    if scene.shape == "circle":
-        pen.ellipse((left, top, right, bottom), fill=fill)
-    elif scene.shape == "square":
-        pen.rectangle((left, top, right, bottom), fill=fill)
+    draw_shape(ImageDraw.Draw(image), scene.shape, shape_box(scene, dx, dy), COLOURS[scene.colour])
+    return image
+
+
+def draw_shape(
+    pen: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, ...] | int
+) -> None:
+    """Fill `shape` into the box (left, top, right, bottom), pixels inclusive; triangles point up."""
+    left, top, right, bottom = box
+    if shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif shape == "square":
+        pen.rectangle(box, fill=fill)
     else:
         pen.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
-    return image
 
 
 def sample(scenes: list[Scene], count: int, seed: int, drop: float = 0.3) -> tuple[np.ndarray, list[str]]:
