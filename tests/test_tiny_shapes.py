@@ -10,6 +10,7 @@ import pytest
 from dreamsketch.config import Settings
 from dreamsketch.pipelines import PipelineCache
 from dreamsketch.registry import load_registry
+from dreamsketch.studio import Studio
 from training import evaluate, shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,16 @@ def test_img2img_strength_trades_layout_for_prompt(model) -> None:  # type: igno
     scores = evaluate.img2img_scores(model.txt2img, 12, (0.3, 0.9))
     assert scores[0.3]["iou"] > scores[0.9]["iou"]
     assert scores[0.9]["follows"] > scores[0.3]["follows"]
+
+
+def test_offline_start_picks_it_and_draws_the_readme_prompt(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """What `make run` does on a machine with no network and an empty Hugging Face cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    studio = Studio(Settings(models_file=ROOT / "models.yaml", output_dir=tmp_path / "outputs", device="cpu"))
+    assert studio.default_model == "tiny-shapes"
+    for seed in (1, 2, 3):
+        result = studio.generate(studio.parse({"prompt": "a red circle on a blue background", "seed": seed}, "txt2img"))
+        verdict = evaluate.judge(result.generation.images[0])
+        assert (verdict.shape, verdict.colour, verdict.background) == ("circle", "red", "blue")
