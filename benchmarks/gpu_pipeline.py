@@ -275,6 +275,13 @@ def engine_caller(engine: LocalEngine, case: Case) -> Callable[[int], Any]:
     return engine_call
 
 
+def log_partial(case: Case, variant: str, stats: dict[str, Any]) -> None:
+    """One JSON line on stderr as each variant finishes, so that a run cut short still leaves its figures."""
+    print(
+        json.dumps({"model": f"{case.model_id}_{case.size}", "variant": variant, **stats}), file=sys.stderr, flush=True
+    )
+
+
 def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, backend: str) -> dict[str, Any]:
     cuda = device.type == "cuda"
     torch.manual_seed(0)
@@ -296,6 +303,7 @@ def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, 
         n: round(n / timed(lambda n=n: [plain_call(seed) for seed in range(n)], cuda), 3) for n in CONCURRENCY
     }
     results["plain_diffusers"] = plain
+    log_partial(case, "plain_diffusers", plain)
 
     for name, fast_path in VARIANTS.items():
         engine = engine_for(case, pipe, fast_path, device, backend)
@@ -309,6 +317,7 @@ def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, 
             n: round(concurrent_throughput(engine_call, n, cuda), 3) for n in CONCURRENCY
         }
         results[name] = stats
+        log_partial(case, name, stats)
 
     for name in ("plain_diffusers", *VARIANTS):
         stats = results[name]
