@@ -433,7 +433,13 @@ def build_form(studio: Studio, mode: Mode) -> Form:
         with gr.Column(scale=4, min_width=320):
             form.preview = gr.Image(label="Live preview", interactive=False, height=256, elem_classes="ds-preview")
             form.results = gr.Gallery(
-                label="Results", columns=2, height=360, interactive=False, elem_id=f"{mode}-results", type="filepath"
+                label="Results",
+                columns=2,
+                height=360,
+                object_fit="contain",
+                interactive=False,
+                elem_id=f"{mode}-results",
+                type="filepath",
             )
             with gr.Row():
                 form.send = gr.Button("Send to img2img", size="sm")

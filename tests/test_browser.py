@@ -89,3 +89,115 @@ def test_dark_mode_and_phone_layout(browser, server: RunningServer, tmp_path: Pa
     assert width <= 400, f"the page scrolls sideways on a phone ({width}px wide)"
     phone.screenshot(path=tmp_path / "6-phone.png", full_page=True)
     phone.close()
+
+
+def test_reuse_parameters_and_send_to_img2img_take_the_selected_image(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url + "/")
+    expect(page.get_by_role("tab", name="Text to image")).to_be_visible(timeout=30_000)
+    page.get_by_label("Prompt", exact=True).fill("two foxes")
+    batch = page.get_by_label("number input for Batch size").first
+    batch.fill("2")
+    batch.press("Enter")
+    page.locator("#txt2img-generate").click()
+    thumbnails = page.locator("#txt2img-results button.thumbnail-item")
+    expect(thumbnails).to_have_count(2, timeout=60_000)
+    expect(page.locator("#txt2img-results img").first).to_have_css("object-fit", "contain")  # never cropped
+    first, second = sorted(server.studio.gallery.list(limit=2), key=lambda entry: entry.id)
+    assert first.meta.prompt == second.meta.prompt == "two foxes" and first.meta.seed != second.meta.seed
+
+    thumbnails.nth(1).click()
+    page.get_by_role("button", name="Reuse parameters").first.click()
+    seed = page.get_by_label("Seed (-1: random)")
+    expect(seed.first).to_have_value(str(second.meta.seed), timeout=10_000)
+
+    page.get_by_role("button", name="Send to img2img").first.click()
+    expect(page.get_by_role("tab", name="Image to image")).to_have_attribute("aria-selected", "true", timeout=10_000)
+    expect(seed.nth(1)).to_have_value(str(second.meta.seed))
+    expect(page.locator("#img2img-generate")).to_be_visible()
+    before = server.studio.gallery.count()
+    page.locator("#img2img-generate").click()
+    expect(page.locator("#img2img-results img").first).to_be_visible(timeout=60_000)
+    newest = server.studio.gallery.list(limit=1)[0]
+    assert server.studio.gallery.count() == before + 1  # one image's parameters; img2img keeps its batch size
+    assert newest.meta.prompt == "two foxes" and newest.meta.strength == 0.6
+    page.close()
+
+
+def test_cancel_stops_the_run_and_writes_nothing(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url + "/")
+    expect(page.get_by_role("tab", name="Text to image")).to_be_visible(timeout=30_000)
+    page.get_by_label("Prompt", exact=True).fill("a long run")
+    for label, value in (("Steps", "150"), ("Batch size", "8")):
+        field = page.get_by_label(f"number input for {label}").first
+        field.fill(value)
+        field.press("Enter")
+    before = server.studio.gallery.count()
+    page.locator("#txt2img-generate").click()
+    expect(page.locator("#txt2img-results .progress-bar")).to_be_visible(timeout=20_000)
+    page.locator("#txt2img-cancel").click()
+    expect(page.locator("#txt2img-results .progress-bar")).to_be_hidden(timeout=10_000)
+    for _ in range(100):  # the engine sees the cancel at its next step
+        if server.studio.pending == 0:
+            break
+        page.wait_for_timeout(100)
+    assert server.studio.pending == 0
+    assert server.studio.gallery.count() == before
+
+    page.get_by_label("Prompt", exact=True).fill("after the cancel")
+    for label, value in (("Steps", "2"), ("Batch size", "1")):
+        field = page.get_by_label(f"number input for {label}").first
+        field.fill(value)
+        field.press("Enter")
+    page.locator("#txt2img-generate").click()
+    expect(page.locator("#txt2img-results img").first).to_be_visible(timeout=60_000)
+    assert server.studio.gallery.list(limit=1)[0].meta.prompt == "after the cancel"
+    page.close()
+
+
+def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: RunningServer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    studio = server.studio
+    for prompt, seed in (("a tin robot", 7), ("an old pier, fog", 1234), ("a paper boat", 99)):
+        studio.generate(studio.parse({"prompt": prompt, "seed": seed, "steps": 2}, "txt2img"))
+    monkeypatch.setattr("dreamsketch.ui.GALLERY_PAGE", 2)
+    total = studio.gallery.count()
+    boat, pier = studio.gallery.list(limit=2)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url + "/")
+    page.get_by_role("tab", name="Gallery").click()
+    label = page.locator("#gallery-page-label")
+    expect(label).to_contain_text(f"Page 1 of {-(-total // 2)} · {total} images", timeout=20_000)
+    page.get_by_role("button", name="Older ▶").click()
+    expect(label).to_contain_text("Page 2 of")
+    page.get_by_role("button", name="◀ Newer").click()
+    expect(label).to_contain_text("Page 1 of")
+
+    page.locator("#gallery-grid button.thumbnail-item").nth(1).click()
+    parameters = page.locator("#gallery-parameters textarea")
+    expect(parameters).to_have_value(re.compile(r"^an old pier, fog\nSteps: 2, .*Seed: 1234,"), timeout=10_000)
+    page.get_by_role("button", name="Reuse in Text to image").click()
+    expect(page.get_by_role("tab", name="Text to image")).to_have_attribute("aria-selected", "true", timeout=10_000)
+    expect(page.get_by_label("Prompt", exact=True).first).to_have_value("an old pier, fog")
+    expect(page.get_by_label("Seed (-1: random)").first).to_have_value("1234")
+
+    page.get_by_role("tab", name="Gallery").click()
+    page.locator("#gallery-grid button.thumbnail-item").first.click()
+    expect(parameters).to_have_value(re.compile(r"^a paper boat\n"), timeout=10_000)
+    page.get_by_role("button", name="Delete").click()
+    expect(label).to_contain_text(f"{total - 1} images", timeout=10_000)
+    assert studio.gallery.get(boat.id) is None and studio.gallery.file_path(boat.file_name) is None
+
+    page.get_by_text("PNG info: read the parameters of any PNG").click()
+    png = studio.gallery.file_path(pier.file_name)
+    assert png is not None
+    page.locator("input[type=file]").last.set_input_files(str(png))
+    expect(page.get_by_label("Parameters text")).to_have_value(re.compile(r"^an old pier, fog\n"), timeout=10_000)
+    page.close()
