@@ -15,6 +15,7 @@ import html
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 GPU_QUEUE = "gpu"
 DEFAULT_SCHEDULER = "Default"
 GALLERY_PAGE = 24
+# A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
+PREVIEW_INTERVAL_S = 0.1
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 USER_ERRORS = (ValueError, ModelUnavailableError, GenerationError, StudioBusy)  # RequestError is a ValueError
 SUGGESTED_PROMPTS = [
@@ -85,10 +88,13 @@ def zero_gpu(generate: Generate) -> Generate:
 
 
 async def run_generation(generate: Generate, request: Any, previews: bool) -> AsyncIterator[Progressed | StudioResult]:
-    """Yield Progressed items (coalesced to the latest), then the StudioResult; a cancelled consumer stops the work."""
+    """Yield Progressed items (coalesced to the latest), then the StudioResult; a cancelled consumer stops the work.
+
+    With `previews`, the first step has a preview and later steps one at most every PREVIEW_INTERVAL_S."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[Progressed | _Done] = asyncio.Queue()
     cancel = threading.Event()
+    last_preview = -PREVIEW_INTERVAL_S
 
     def put(item: Progressed | _Done) -> None:
         try:
@@ -97,7 +103,11 @@ async def run_generation(generate: Generate, request: Any, previews: bool) -> As
             cancel.set()
 
     def on_step(step: Step) -> None:
-        put(Progressed(step.step, step.total, step.preview() if previews else None))
+        nonlocal last_preview
+        preview = None
+        if previews and time.monotonic() - last_preview >= PREVIEW_INTERVAL_S:
+            preview, last_preview = step.preview(), time.monotonic()
+        put(Progressed(step.step, step.total, preview))
 
     def work() -> None:
         try:
@@ -111,7 +121,10 @@ async def run_generation(generate: Generate, request: Any, previews: bool) -> As
         while True:
             item = await items.get()
             while isinstance(item, Progressed) and not items.empty():
-                item = items.get_nowait()
+                newer = items.get_nowait()
+                if isinstance(newer, Progressed) and newer.preview is None:
+                    newer.preview = item.preview  # a skipped item's preview is still the newest one
+                item = newer
             if isinstance(item, Progressed):
                 yield item
                 continue

@@ -196,3 +196,33 @@ def test_mcp_tools_generate(server: RunningServer) -> None:
     content = anyio.run(call)
     assert any(item.type == "image" or "seed" in getattr(item, "text", "") for item in content), content
     assert server.studio.gallery.list(limit=1)[0].meta.prompt == "via mcp"
+
+
+@pytest.mark.parametrize(("interval", "computed"), [(0.0, 6), (3600.0, 1)])
+def test_live_previews_are_throttled_and_the_first_step_has_one(monkeypatch, interval: float, computed: int) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import torch
+
+    import dreamsketch.engine
+    from dreamsketch.engine import Step
+    from dreamsketch.ui import Progressed, run_generation
+
+    made = []
+    real_preview = dreamsketch.engine.latent_preview
+    monkeypatch.setattr("dreamsketch.ui.PREVIEW_INTERVAL_S", interval)
+    monkeypatch.setattr("dreamsketch.engine.latent_preview", lambda *a: made.append(1) or real_preview(*a))
+
+    def generate(request, on_step, cancel):  # type: ignore[no-untyped-def]
+        for index in range(6):
+            on_step(Step(index + 1, 6, torch.zeros(1, 4, 8, 8), "sd15"))
+        return "result"
+
+    async def collect() -> list:
+        return [item async for item in run_generation(generate, None, previews=True)]
+
+    items = asyncio.run(collect())
+    assert len(made) == computed
+    assert items[-1] == "result" and all(isinstance(item, Progressed) for item in items[:-1])
+    if len(items) > 1:  # the consumer may have been late for every step: then only the result comes
+        assert items[0].preview is not None  # step 1's, or carried into the item that replaced it
