@@ -261,3 +261,21 @@ def test_a_cancelled_request_leaves_its_batch_running(engine):
         thread.join(120)
     assert isinstance(outcomes[0], GenerationCancelled)
     assert len(outcomes[1].images) == 1
+
+
+def test_the_empty_float32_warning_of_diffusers_is_dropped_and_other_warnings_pass():
+    import logging
+
+    from dreamsketch.tiny import build_tiny_pipeline
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    source = logging.getLogger("diffusers.models.modeling_utils")
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        build_tiny_pipeline().unet.to(torch.float16)
+        source.warning("another warning")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert [record.getMessage() for record in records] == ["another warning"]
