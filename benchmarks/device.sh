@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md):
-# the CUDA tests of the fast path, then benchmarks/gpu_pipeline.py (arguments pass through, e.g. --only sd15).
+# the CUDA tests of the fast path, then benchmarks/gpu_pipeline.py, then its --first-call in a fresh process
+# (the fast path's first call with a warm compile cache). Arguments pass through, e.g. --only sd15.
 # Everything lands in $OUT. The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
 set -uo pipefail
 OUT=${OUT:-/tmp/dreamsketch-gpu}
@@ -15,3 +16,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tee "$OUT
 python3 -m benchmarks.gpu_pipeline "$@" > "$OUT/gpu_pipeline.json" 2> "$OUT/gpu_pipeline.log"
 echo "gpu_pipeline exit $?"
 cat "$OUT/gpu_pipeline.json"
+# A restart: the fast path's first call in a fresh process, with the compile cache the run above filled.
+python3 -m benchmarks.gpu_pipeline --first-call "$@" > "$OUT/first_call_warm.json" 2>> "$OUT/gpu_pipeline.log"
+echo "first call (warm compile cache) exit $?"
+cat "$OUT/first_call_warm.json"

@@ -30,10 +30,13 @@ GRAPH_WARMUP_CALLS = 2  # eager calls on a side stream before capture (compiles,
 
 
 def configure_compile_cache() -> None:
-    """Keep inductor's FX-graph and autotuning caches across restarts (not in /tmp)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    """Keep inductor's caches (on by default) in COMPILE_CACHE, which outlives reboots, unless the user chose a
+    folder. Importing diffusers already sets TORCHINDUCTOR_CACHE_DIR to torch's default under /tmp, so a value
+    equal to that default counts as not chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
 
 
 def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:

@@ -18,6 +18,16 @@ def test_gpu_pipeline_small_form_reports_every_figure(capsys):
         check_model_figures(model)
 
 
+def test_gpu_pipeline_first_call_form(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    argv = ["--small", "--first-call", "--only", "sd15", "--compile-backend", "aot_eager"]
+    assert gpu_pipeline.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    figures = report["models"]["tiny-sd15_128"]["dreamsketch_compile"]
+    assert figures["first_call_s"] > 0 and figures["compile_cache"] == str(tmp_path)
+    assert figures["cache_files_before"] == 0
+
+
 def check_model_figures(model):
     for variant in ("plain_diffusers", *gpu_pipeline.VARIANTS):
         stats = model[variant]

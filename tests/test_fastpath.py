@@ -3,6 +3,7 @@ code generation takes minutes on two cores); on CUDA the same graphs go to induc
 graphs (the CUDA tests run on a GPU machine; see benchmarks/README.md)."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -54,6 +55,18 @@ def test_graph_signature_tells_shapes_apart_and_refuses_what_it_cannot_replay():
     assert signature([sample, None, False], "spec") is None  # a CPU tensor: no CUDA graph
     assert signature([object()], "spec") is None
     assert signature([1.5, None, "x"], "spec") == ("spec", 1.5, None, "x")
+
+
+def test_compile_cache_outlives_reboots_unless_the_user_chose_one(monkeypatch, tmp_path):
+    import diffusers  # noqa: F401  (importing it sets TORCHINDUCTOR_CACHE_DIR to torch's default under /tmp)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    dreamsketch.fastpath.configure_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(dreamsketch.fastpath.COMPILE_CACHE)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    dreamsketch.fastpath.configure_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
