@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,9 @@ class Generation:
 
 
 MAX_BATCH_IMAGES = 8  # concurrent requests are merged into one pipeline call up to this many images
+# A request that finds no other waiting waits this long for company: requests sent at the same moment arrive a
+# millisecond or so apart, and would otherwise run as one alone and then the rest together.
+BATCH_WINDOW_S = 0.002
 
 
 @dataclass
@@ -147,6 +151,10 @@ class LocalEngine:
         return job.result
 
     def _take_batch(self, leader: _Job) -> list[_Job]:
+        with self._waiting_lock:
+            alone = self._waiting == [leader]
+        if alone:
+            time.sleep(BATCH_WINDOW_S)
         key = batch_key(leader.request)
         batch, images = [], 0
         with self._waiting_lock:

@@ -73,7 +73,7 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
     settings = studio.settings
     app = create_app(studio)
     demo = build_demo(studio)
-    # Waiting events beyond queue_size get Gradio's "queue is full" error; one generation runs at a time ("gpu").
+    # Waiting events beyond queue_size get Gradio's "queue is full" error; generations share the "gpu" queue.
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
     app = gr.mount_gradio_app(
         app,

@@ -1,6 +1,7 @@
 """The Gradio Blocks app: wires events to the Studio (validation: studio.parse; generation: studio.generate).
 
-Two kinds of generation events share one queue slot ("gpu", concurrency 1):
+Two kinds of generation events share one queue ("gpu", GPU_CONCURRENCY in flight, merged into batches by the
+engine):
 - the stable API endpoints `/txt2img` and `/img2img` (gradio_client, MCP), whose parameter names are fixed;
 - the browser's Generate buttons, which stream a live preview (private, not in the API).
 Both run studio.generate in a worker thread; steps come back through an asyncio queue to report progress, and a
@@ -24,7 +25,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from dreamsketch.engine import GenerationCancelled, GenerationError, Step
+from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
 from dreamsketch.gallery import GalleryEntry, format_parameters, parse_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.request import MAX_BATCH, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Mode
@@ -34,6 +35,9 @@ from dreamsketch.studio import Studio, StudioBusy, StudioResult
 log = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"
+# Generations in flight at once. The engine runs one pipeline call at a time and merges the compatible requests
+# waiting for it, so several in flight let people share a batch. ZeroGPU leases a GPU to each call: one there.
+GPU_CONCURRENCY = 1 if os.environ.get("SPACES_ZERO_GPU") else MAX_BATCH_IMAGES
 DEFAULT_SCHEDULER = "Default"
 GALLERY_PAGE = 24
 # A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
@@ -499,7 +503,7 @@ def wire_api(studio: Studio, handlers: Handlers) -> None:
                 outputs=outputs,
                 api_name=mode,
                 concurrency_id=GPU_QUEUE,
-                concurrency_limit=1,
+                concurrency_limit=GPU_CONCURRENCY,
             )
 
 
@@ -518,7 +522,7 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> None:
         inputs=inputs,
         outputs=[form.preview, form.results, form.info],
         concurrency_id=GPU_QUEUE,
-        concurrency_limit=1,
+        concurrency_limit=GPU_CONCURRENCY,
         show_progress_on=[form.results],
         **PRIVATE,
     )

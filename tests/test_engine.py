@@ -279,3 +279,28 @@ def test_the_empty_float32_warning_of_diffusers_is_dropped_and_other_warnings_pa
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     assert [record.getMessage() for record in records] == ["another warning"]
+
+
+def test_a_request_that_finds_nobody_waiting_gives_others_a_moment_to_join(engine, monkeypatch):
+    from types import SimpleNamespace
+
+    from dreamsketch.engine import BATCH_WINDOW_S
+
+    pipe_class = type(engine.cache.get("tiny-demo").txt2img)
+    original, calls, followers = pipe_class.__call__, [], []
+    counted = lambda self, **kwargs: calls.append(len(kwargs["prompt"])) or original(self, **kwargs)  # noqa: E731
+    monkeypatch.setattr(pipe_class, "__call__", counted)
+
+    def window(seconds):  # the others arrive while the first request waits for company
+        assert seconds == BATCH_WINDOW_S
+        followers.extend(threading.Thread(target=engine.generate, args=(request(engine, seed=s),)) for s in (2, 3))
+        for thread in followers:
+            thread.start()
+        while len(engine._waiting) < 3:
+            threading.Event().wait(0.01)
+
+    monkeypatch.setattr("dreamsketch.engine.time", SimpleNamespace(sleep=window))
+    first = engine.generate(request(engine, seed=1))
+    for thread in followers:
+        thread.join(60)
+    assert calls == [3] and first.seeds == [1]
