@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import cpu_overhead, gpu_pipeline
+from benchmarks import compile_regions, cpu_overhead, gpu_pipeline
 
 
 @pytest.mark.slow
@@ -26,6 +26,17 @@ def test_gpu_pipeline_first_call_form(capsys, tmp_path, monkeypatch):
     figures = report["models"]["tiny-sd15_128"]["dreamsketch_compile"]
     assert figures["first_call_s"] > 0 and figures["compile_cache"] == str(tmp_path)
     assert figures["cache_files_before"] == 0
+
+
+def test_compile_regions_small_form_compiles_once_per_block_configuration(capsys):
+    assert compile_regions.main(["--small"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for model in ("tiny-sd15_128", "tiny-sdxl_128"):
+        figures = report[model]
+        assert figures["graph_breaks"] == 0 and figures["graphs_compiled_by_later_calls"] == 0
+        assert [call["batch"] for call in figures["calls"]] == [2, 6, 2]
+        assert all(call["max_difference_vs_eager"] < 1e-4 for call in figures["calls"])
+    assert report["tiny-sd15_128"]["calls"][0]["graphs_compiled"] > 0
 
 
 def check_model_figures(model):
