@@ -69,27 +69,36 @@ class Studio:
         self.engine: LocalEngine | RemoteEngine = engine_class(self.settings, self.registry)
         self.gallery = Gallery(self.settings.output_dir)
         self.default_model = choose_default_model(self.settings, self.registry)
-        self._pending = 0
+        self._pending = 0  # requests running or waiting for the device
+        self._bounded = 0  # of those, the ones without a queue of their own
         self._pending_lock = threading.Lock()
 
     def parse(self, fields: Mapping[str, Any], mode: Mode) -> GenerationRequest:
         return parse_request(fields, self.registry, mode, self.default_model)
 
     def generate(
-        self, request: GenerationRequest, on_step: StepCallback | None = None, cancel: threading.Event | None = None
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        own_queue: bool = False,
     ) -> StudioResult:
         """Run the request, then save its images to the gallery (outside the device lock).
 
-        Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting behind the running one."""
+        Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting behind the running one, counting
+        only requests without `own_queue`: Gradio's events come through Gradio's queue, which has the same bound."""
         with self._pending_lock:
-            if self._pending > self.settings.queue_size:
-                raise StudioBusy(f"busy: {self._pending} requests are ahead of this one; try again in a moment")
+            bounded = 0 if own_queue else 1
+            if bounded and self._bounded > self.settings.queue_size:
+                raise StudioBusy(f"busy: {self._bounded} requests are ahead of this one; try again in a moment")
             self._pending += 1
+            self._bounded += bounded
         try:
             generation = self.engine.generate(request, on_step, cancel)
         finally:
             with self._pending_lock:
                 self._pending -= 1
+                self._bounded -= bounded
         done = generation.request
         entries = [
             self.gallery.save(image, image_meta(done, seed, generation.scheduler))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import html
 import logging
 import os
@@ -258,7 +259,7 @@ def a1111_to_parameters(parsed: dict[str, Any]) -> dict[str, Any]:
 class Handlers:
     def __init__(self, studio: Studio) -> None:
         self.studio = studio
-        self.generate = zero_gpu(studio.generate)
+        self.generate = zero_gpu(functools.partial(studio.generate, own_queue=True))  # Gradio's queue bounds these
 
     async def _run(self, mode: Mode, fields: dict[str, Any], progress: gr.Progress) -> tuple[list, dict]:
         try:

@@ -54,10 +54,14 @@ def test_busy_when_the_queue_is_full(settings):
         threading.Event().wait(0.01)
     with pytest.raises(StudioBusy, match="busy"):
         studio.generate(request)
+    queued = threading.Thread(target=studio.generate, args=(request,), kwargs={"own_queue": True})
+    queued.start()  # Gradio's events: bounded by Gradio's queue, not refused here
+    while studio.pending < 3:
+        threading.Event().wait(0.01)
     release.set()
-    running.join(30)
-    waiting.join(30)
-    assert studio.pending == 0 and studio.gallery.count() == 2
+    for thread in (running, waiting, queued):
+        thread.join(30)
+    assert studio.pending == 0 and studio.gallery.count() == 3
 
 
 def test_models_and_status(studio):
