@@ -37,18 +37,31 @@ def browser() -> Iterator:
         launched.close()
 
 
-def test_generate_then_find_it_in_the_gallery(browser, server: RunningServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def open_app(browser, server: RunningServer, query: str = ""):  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(server.url + "/")
+    page.goto(server.url + "/" + query)
     expect(page.get_by_role("tab", name="Text to image")).to_be_visible(timeout=30_000)
+    return page
+
+
+def set_numbers(page, **values: int) -> None:  # type: ignore[no-untyped-def]
+    """Type into the Text to image sliders' number boxes, e.g. set_numbers(page, Steps=60)."""
+    for label, value in values.items():
+        field = page.get_by_label(f"number input for {label.replace('_', ' ')}").first
+        field.fill(str(value))
+        field.press("Enter")
+
+
+def test_generate_then_find_it_in_the_gallery(browser, server: RunningServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    page = open_app(browser, server)
     page.screenshot(path=tmp_path / "1-loaded.png", full_page=True)
 
     page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
-    steps = page.get_by_label("number input for Steps")
-    steps.fill("60")
-    steps.press("Enter")
+    set_numbers(page, Steps=60)
     page.locator("#txt2img-generate").click()
     expect(page.locator("#txt2img-results .progress-bar")).to_be_visible(timeout=20_000)  # fed by the step callback
     page.screenshot(path=tmp_path / "2-progress.png", full_page=True)
@@ -72,9 +85,7 @@ def test_generate_then_find_it_in_the_gallery(browser, server: RunningServer, tm
 def test_dark_mode_and_phone_layout(browser, server: RunningServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(server.url + "/?__theme=dark")
-    expect(page.get_by_role("tab", name="Text to image")).to_be_visible(timeout=30_000)
+    page = open_app(browser, server, "?__theme=dark")
     expect(page.locator("body")).to_have_class(re.compile(r"\bdark\b"))
     page.screenshot(path=tmp_path / "5-dark.png", full_page=True)
     page.close()
@@ -94,13 +105,9 @@ def test_dark_mode_and_phone_layout(browser, server: RunningServer, tmp_path: Pa
 def test_reuse_parameters_and_send_to_img2img_take_the_selected_image(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(server.url + "/")
-    expect(page.get_by_role("tab", name="Text to image")).to_be_visible(timeout=30_000)
+    page = open_app(browser, server)
     page.get_by_label("Prompt", exact=True).fill("two foxes")
-    batch = page.get_by_label("number input for Batch size").first
-    batch.fill("2")
-    batch.press("Enter")
+    set_numbers(page, Batch_size=2)
     page.locator("#txt2img-generate").click()
     thumbnails = page.locator("#txt2img-results button.thumbnail-item")
     expect(thumbnails).to_have_count(2, timeout=60_000)
@@ -129,14 +136,9 @@ def test_reuse_parameters_and_send_to_img2img_take_the_selected_image(browser, s
 def test_cancel_stops_the_run_and_writes_nothing(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(server.url + "/")
-    expect(page.get_by_role("tab", name="Text to image")).to_be_visible(timeout=30_000)
+    page = open_app(browser, server)
     page.get_by_label("Prompt", exact=True).fill("a long run")
-    for label, value in (("Steps", "150"), ("Batch size", "8")):
-        field = page.get_by_label(f"number input for {label}").first
-        field.fill(value)
-        field.press("Enter")
+    set_numbers(page, Steps=150, Batch_size=8)
     before = server.studio.gallery.count()
     page.locator("#txt2img-generate").click()
     expect(page.locator("#txt2img-results .progress-bar")).to_be_visible(timeout=20_000)
@@ -150,10 +152,7 @@ def test_cancel_stops_the_run_and_writes_nothing(browser, server: RunningServer)
     assert server.studio.gallery.count() == before
 
     page.get_by_label("Prompt", exact=True).fill("after the cancel")
-    for label, value in (("Steps", "2"), ("Batch size", "1")):
-        field = page.get_by_label(f"number input for {label}").first
-        field.fill(value)
-        field.press("Enter")
+    set_numbers(page, Steps=2, Batch_size=1)
     page.locator("#txt2img-generate").click()
     expect(page.locator("#txt2img-results img").first).to_be_visible(timeout=60_000)
     assert server.studio.gallery.list(limit=1)[0].meta.prompt == "after the cancel"
@@ -170,8 +169,7 @@ def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: Ru
     total = studio.gallery.count()
     boat, pier = studio.gallery.list(limit=2)
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(server.url + "/")
+    page = open_app(browser, server)
     page.get_by_role("tab", name="Gallery").click()
     label = page.locator("#gallery-page-label")
     expect(label).to_contain_text(f"Page 1 of {-(-total // 2)} · {total} images", timeout=20_000)
