@@ -787,6 +787,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         status_outputs = [status_json, models_table, t2i.fields["model_id"], i2i.fields["model_id"]]
         refresh_status.click(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
         status_tab.select(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
+        demo.load(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)  # "loaded" labels are current
         gallery_tab.select(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
         demo.load(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
     return demo

@@ -170,6 +170,7 @@ def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: Ru
     boat, pier = studio.gallery.list(limit=2)
 
     page = open_app(browser, server)
+    expect(page.get_by_label("Model").first).to_have_value("Tiny demo (noise) · loaded")  # labels say it now
     page.get_by_role("tab", name="Gallery").click()
     label = page.locator("#gallery-page-label")
     expect(label).to_contain_text(f"Page 1 of {-(-total // 2)} · {total} images", timeout=20_000)
