@@ -60,6 +60,23 @@ CSS = """
 FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed")
 
 
+def image_upload(**kwargs: Any) -> gr.Image:
+    """An image input (type="filepath") whose uploads Gradio cannot convert reach our own checks as they are: those
+    name the field, where Gradio's conversion error shows the server's paths. (A gr.Image subclass would make
+    Gradio write a .pyi stub next to this module.)"""
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    convert = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return convert(payload)
+        except Exception:  # whatever PIL makes of a bad file, request validation refuses it with a clear message
+            return payload.path
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Running a generation off the event loop
 
@@ -419,8 +436,8 @@ def build_form(studio: Studio, mode: Mode) -> Form:
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=320):
             if mode == "img2img":
-                form.fields["image"] = gr.Image(
-                    label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=280
+                form.fields["image"] = image_upload(
+                    label="Input image", sources=["upload", "clipboard"], height=280, elem_id="img2img-image"
                 )
             form.fields["prompt"] = gr.Textbox(
                 label="Prompt", lines=3, max_length=2000, placeholder="Describe the image"
@@ -472,7 +489,7 @@ def api_inputs(studio: Studio, mode: Mode) -> list[Any]:
     width, height, steps, guidance = model_defaults(studio, studio.default_model)
     inputs: list[Any] = []
     if mode == "img2img":
-        inputs.append(gr.Image(label="image", type="filepath", image_mode=None))
+        inputs.append(image_upload(label="image"))
     inputs += [
         gr.Textbox("", label="prompt"),
         gr.Textbox("", label="negative_prompt"),
@@ -621,7 +638,7 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
                 restore = gr.Button("Reuse in Text to image", size="sm")
                 delete = gr.Button("Delete", variant="stop", size="sm")
     with gr.Accordion("PNG info: read the parameters of any PNG", open=False), gr.Row(equal_height=False):
-        png = gr.Image(label="Drop a PNG", type="filepath", image_mode=None, sources=["upload"], height=260)
+        png = image_upload(label="Drop a PNG", sources=["upload"], height=260, elem_id="png-info")
         with gr.Column(min_width=300):
             png_text = gr.Textbox(label="Parameters text", lines=5, interactive=False)
             png_parsed = gr.JSON(label="Parsed")

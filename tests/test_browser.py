@@ -197,6 +197,25 @@ def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: Ru
     page.get_by_text("PNG info: read the parameters of any PNG").click()
     png = studio.gallery.file_path(pier.file_name)
     assert png is not None
-    page.locator("input[type=file]").last.set_input_files(str(png))
+    page.locator("#png-info input[type=file]").set_input_files(str(png))
     expect(page.get_by_label("Parameters text")).to_have_value(re.compile(r"^an old pier, fog\n"), timeout=10_000)
+    page.close()
+
+
+def test_a_file_that_is_not_an_image_gets_our_message_in_img2img_and_png_info(browser, server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("just some text")
+    page = open_app(browser, server)
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#img2img-image input[type=file]").set_input_files(str(not_an_image))
+    page.locator("#img2img-generate").click()
+    expect(page.get_by_text("field 'image': ")).to_be_visible(timeout=20_000)
+    expect(page.get_by_text("Could not preprocess")).to_have_count(0)
+
+    page.get_by_role("tab", name="Gallery").click()
+    page.get_by_text("PNG info: read the parameters of any PNG").click()
+    page.locator("#png-info input[type=file]").set_input_files(str(not_an_image))
+    expect(page.get_by_text("Not a readable image.")).to_be_visible(timeout=20_000)
     page.close()
