@@ -19,42 +19,27 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from benchmarks.gpu_pipeline import build_pipeline, cases
-from dreamsketch.fastpath import compile_regions
+from benchmarks.gpu_pipeline import build_pipeline, cases, unet_inputs
+from dreamsketch.fastpath import apply_fast_path
 
 SHAPES = ((2, 16), (6, 24), (2, 32))  # (UNet batch, latent side): the first call compiles, the others must not
 
 
-def unet_inputs(unet: torch.nn.Module, batch: int, side: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    generator = torch.Generator().manual_seed(batch * 100 + side)
-    config = unet.config
-    args = (
-        torch.randn(batch, 4, side, side, generator=generator),
-        torch.tensor(500.0),
-        torch.randn(batch, 77, config.cross_attention_dim, generator=generator),
-    )
-    kwargs: dict[str, Any] = {"return_dict": False}
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, generator=generator),
-            "time_ids": torch.randn(batch, 6, generator=generator),
-        }
-    return args, kwargs
-
-
-def check(unet: torch.nn.Module, backend: str) -> dict[str, Any]:
+def check(pipe: Any, backend: str) -> dict[str, Any]:
+    unet = pipe.unet.eval()
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        inputs = [unet_inputs(unet, batch, side) for batch, side in SHAPES]
-        eager = [unet(*args, **kwargs)[0] for args, kwargs in inputs]
-        unet.to(memory_format=torch.channels_last)
-        unet.fuse_qkv_projections()
-        compile_regions(unet, backend)
+        inputs = [
+            unet_inputs(unet, batch, side, cpu, torch.float32, torch.Generator().manual_seed(batch * 100 + side))
+            for batch, side in SHAPES
+        ]
+        eager = [unet(*args, **kwargs, return_dict=False)[0] for args, kwargs in inputs]
+        apply_fast_path(pipe, backend)
         counters.clear()
         calls = []
         for (batch, side), (args, kwargs), expected in zip(SHAPES, inputs, eager, strict=True):
             graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
-            output = unet(*args, **kwargs)[0]
+            output = unet(*args, **kwargs, return_dict=False)[0]
             seconds = time.perf_counter() - start
             calls.append(
                 {
@@ -82,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases(args.small):
         if args.only and case.family != args.only:
             continue
-        unet = build_pipeline(case, torch.device("cpu"), torch.float32).unet.eval()
-        report[f"{case.model_id}_{case.size}"] = check(unet, args.backend)
+        pipe = build_pipeline(case, torch.device("cpu"), torch.float32)
+        report[f"{case.model_id}_{case.size}"] = check(pipe, args.backend)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -189,22 +189,34 @@ class UnetTimer:
         return times
 
 
+def unet_inputs(
+    unet: Any, batch: int, latent: int, device: torch.device, dtype: torch.dtype, generator: Any = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments of one UNet call: noisy latents, a timestep, text embeddings (SDXL: also pooled embeddings and
+    size ids), random, at UNet batch `batch` and latent side `latent`."""
+    config = unet.config
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    args = (
+        noise(batch, 4, latent, latent),
+        torch.tensor(500, device=device),
+        noise(batch, 77, config.cross_attention_dim),
+    )
+    kwargs: dict[str, Any] = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": noise(batch, pooled), "time_ids": noise(batch, 6)}
+    return args, kwargs
+
+
 def unet_flops(pipe: Any, case: Case, device: torch.device, dtype: torch.dtype) -> int:
     """FLOPs of one UNet call with CFG (batch 2), counted by torch's flop counter."""
-    latent = case.size // 8
-    config = pipe.unet.config
-    sample = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
-    context = torch.randn(2, 77, config.cross_attention_dim, device=device, dtype=dtype)
-    extra = {}
-    if case.family == "sdxl":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
-            "time_ids": torch.randn(2, 6, device=device, dtype=dtype),
-        }
+    args, kwargs = unet_inputs(pipe.unet, 2, case.size // 8, device, dtype)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        pipe.unet(sample, torch.tensor(500, device=device), context, **extra)
+        pipe.unet(*args, **kwargs)
     return counter.get_total_flops()
 
 
