@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dreamsketch" / "torch-compile"
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")
 RECOMPILE_LIMIT = 64  # compiled variants per block class (one per block configuration)
+INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
 MAX_GRAPHS = 32  # captured input shapes (batch size x picture size); later new shapes run eagerly
 GRAPH_WARMUP_CALLS = 2  # eager calls on a side stream before capture (compiles, lazy CUDA initialisation)
 
@@ -57,15 +60,25 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
 
 def compile_regions(unet: torch.nn.Module, backend: str) -> None:
     configure_compile_cache()
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
-    inductor.conv_1x1_as_mm = True
-    inductor.epilogue_fusion = False
+    options = INDUCTOR_OPTIONS if backend == "inductor" else None
     for module in unet.modules():
         if type(module).__name__ in REGIONS:
-            module.compile(backend=backend, fullgraph=True, dynamic=True)
+            module.compile(backend=backend, fullgraph=True, dynamic=True, options=options)
+    unet.forward = with_recompile_limit(unet.forward)
+
+
+def with_recompile_limit(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """torch keeps dynamo's settings per thread (2.13), and a server compiles in whichever thread brings a new
+    shape: each call raises the limit on compilations per function (all resnets share one) in its own thread."""
+    import torch._dynamo
+
+    @functools.wraps(forward)
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(cache_size_limit=limit):
+            return forward(*args, **kwargs)
+
+    return limited
 
 
 class CudaGraphs:
@@ -97,12 +110,15 @@ class CudaGraphs:
     def capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any] | None:
         """The graph, its input tensors and its output; None (this signature runs eagerly) if it cannot be
         captured, e.g. because the forward synchronises with the CPU."""
+        start = time.perf_counter()
         try:
             captured = self._capture(leaves, spec)
         except RuntimeError as exc:
             log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
             return None
-        log.info("captured a CUDA graph (%d so far)", len(self.graphs) + 1)
+        shape = next(tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor))
+        seconds, count = time.perf_counter() - start, len(self.graphs) + 1
+        log.info("captured a CUDA graph for %s in %.1f s, compilation included (%d so far)", shape, seconds, count)
         return captured
 
     def _capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]:

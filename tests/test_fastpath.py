@@ -4,6 +4,7 @@ graphs (the CUDA tests run on a GPU machine; see benchmarks/README.md)."""
 
 import dataclasses
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -30,6 +31,26 @@ def test_fast_path_output_equals_the_plain_path():
         a = plain(**kwargs, generator=torch.Generator().manual_seed(seed)).images
         b = fast(**kwargs, generator=torch.Generator().manual_seed(seed)).images
         assert np.abs(a - b).max() < 1e-4
+
+
+def test_fast_path_compiles_new_shapes_in_any_thread():
+    """A server compiles in whichever thread brings a new shape, and torch 2.13 keeps dynamo's settings per thread.
+    On the CPU a batch of 16 picks another convolution backend: every resnet configuration of tiny-demo compiles
+    again, past dynamo's default limit of 8 compilations per function."""
+    plain, fast = build_tiny_pipeline(), apply_fast_path(build_tiny_pipeline(), backend="aot_eager")
+    kwargs = dict(prompt="a red fox", num_inference_steps=2, height=128, width=128, output_type="np")
+    fast(**kwargs)  # compiled here for the CFG batch of 2
+    batch = {**kwargs, "prompt": ["a red fox"] * 8}  # CFG batch 16
+    results = {}
+
+    def generate() -> None:
+        results["fast"] = fast(**batch, generator=torch.Generator().manual_seed(1)).images
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    thread.join()
+    expected = plain(**batch, generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(expected - results["fast"]).max() < 1e-4
 
 
 def test_compile_setting_applies_the_fast_path_and_warms_up_at_load(settings, monkeypatch):
