@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny UNets, to check the script")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"benchmark": "compile_regions", "backend": args.backend, "torch": torch.__version__}
+    torch._dynamo.reset()  # count from nothing compiled, whatever ran before in this process
     for case in cases(args.small):
         if args.only and case.family != args.only:
             continue

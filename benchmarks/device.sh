@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md):
-# the CUDA tests of the fast path, then benchmarks/gpu_pipeline.py, then its --first-call in a fresh process
-# (the fast path's first call with a warm compile cache). Arguments pass through, e.g. --only sd15.
-# Everything lands in $OUT. The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
+# The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
+# first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5, then SDXL;
+# the fast path's first call in a fresh process with the compile cache warm (SD 1.5); where an SD 1.5 request's
+# time goes (request_phases); the CUDA tests of the fast path; SDXL's warm first call. About 10 minutes on an H100.
+# Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
+# The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
 set -uo pipefail
 OUT=${OUT:-/tmp/dreamsketch-gpu}
 mkdir -p "$OUT"
@@ -12,11 +14,18 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tee "$OUT/cuda-tests.log"
-python3 -m benchmarks.gpu_pipeline "$@" > "$OUT/gpu_pipeline.json" 2> "$OUT/gpu_pipeline.log"
-echo "gpu_pipeline exit $?"
-cat "$OUT/gpu_pipeline.json"
-# A restart: the fast path's first call in a fresh process, with the compile cache the run above filled.
-python3 -m benchmarks.gpu_pipeline --first-call "$@" > "$OUT/first_call_warm.json" 2>> "$OUT/gpu_pipeline.log"
-echo "first call (warm compile cache) exit $?"
-cat "$OUT/first_call_warm.json"
+
+step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.txt
+    echo "== $1 $(date -u +%T)" | tee -a "$OUT/log.txt"
+    "${@:2}" > "$OUT/$1.json" 2>> "$OUT/log.txt"
+    echo "$1 exit $?"
+    cat "$OUT/$1.json"
+}
+
+step gpu_pipeline_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
+step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
+step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
+step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 "$@"
+echo "== cuda tests $(date -u +%T)" | tee -a "$OUT/log.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 >> "$OUT/log.txt"
+step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"

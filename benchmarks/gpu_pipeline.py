@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,11 @@ from dreamsketch.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny
 
 PEAK_TFLOPS = 790.0  # dense fp16 tensor-core peak of an H100/H200 SXM
 CONCURRENCY = (4, 8)
-# The engine's variants, measured after plain diffusers on the same pipeline object, in this order.
+# The engine's variants, measured after plain diffusers on the same pipeline object, in this order. The default
+# run measures what a user runs (DREAMSKETCH_COMPILE=0 and 1); "dreamsketch_graphs" (the fast path without
+# torch.compile) only where --variants names it.
 VARIANTS = {"dreamsketch": None, "dreamsketch_graphs": "graphs", "dreamsketch_compile": "compile"}
+DEFAULT_VARIANTS = ["dreamsketch", "dreamsketch_compile"]
 
 
 def sd15_pipeline() -> StableDiffusionPipeline:
@@ -151,13 +155,14 @@ def cases(small: bool) -> list[Case]:
 
 
 class UnetTimer:
-    """Time every UNet call with CUDA events (wall clock on the CPU)."""
+    """Time every UNet call with CUDA events (wall clock on the CPU) and note its batch size."""
 
     def __init__(self, unet: torch.nn.Module, cuda: bool) -> None:
         self.cuda, self.times_ms, self._start = cuda, [], None
         self._pending: list[tuple[Any, Any]] = []
+        self.batch_sizes: list[int] = []
         self._hooks = [
-            unet.register_forward_pre_hook(lambda *_: self._begin()),
+            unet.register_forward_pre_hook(lambda _, args: self._begin(args[0].shape[0])),
             unet.register_forward_hook(lambda *_: self._end()),
         ]
 
@@ -165,7 +170,8 @@ class UnetTimer:
         for hook in self._hooks:
             hook.remove()
 
-    def _begin(self) -> None:
+    def _begin(self, batch_size: int) -> None:
+        self.batch_sizes.append(batch_size)
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._start.record()
@@ -252,18 +258,25 @@ def timed(run: Callable[[], Any], cuda: bool) -> float:
     return time.perf_counter() - start
 
 
-def concurrent_throughput(call: Callable[[int], Any], clients: int, cuda: bool) -> float:
-    """Images per second when `clients` requests arrive at once (after one untimed round: compiles, warm-up)."""
+def concurrent_throughput(
+    call: Callable[[int], Any], clients: int, cuda: bool, timer: UnetTimer, steps: int
+) -> dict[str, Any]:
+    """Images per second when `clients` requests arrive at once (after one untimed round: compiles, warm-up), and
+    how the engine split the timed round into pipeline calls (requests per call: a UNet call with CFG holds two
+    rows per request, and a pipeline call makes `steps` UNet calls)."""
 
     def round_of_requests() -> None:
-        threads = [threading.Thread(target=call, args=(seed,)) for seed in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(call, range(clients)))  # a failed request fails the benchmark
 
     round_of_requests()
-    return clients / timed(round_of_requests, cuda)
+    timer.take()
+    timer.batch_sizes = []
+    seconds = timed(round_of_requests, cuda)
+    return {
+        "images_per_s": round(clients / seconds, 3),
+        "batches": [rows // 2 for rows in timer.batch_sizes[::steps]],
+    }
 
 
 def engine_for(case: Case, pipe: Any, fast_path: str | None, device: torch.device, backend: str) -> LocalEngine:
@@ -292,7 +305,8 @@ def engine_caller(engine: LocalEngine, case: Case) -> Callable[[int], Any]:
 
 
 def log_partial(case: Case, variant: str, stats: dict[str, Any]) -> None:
-    """One JSON line on stderr as each variant finishes, so that a run cut short still leaves its figures."""
+    """One JSON line on stderr as each part of a variant finishes, so that a run cut short still leaves its
+    figures."""
     print(
         json.dumps({"model": f"{case.model_id}_{case.size}", "variant": variant, **stats}), file=sys.stderr, flush=True
     )
@@ -306,7 +320,15 @@ def build_pipeline(case: Case, device: torch.device, dtype: torch.dtype) -> Any:
     return pipe.to(device=device, dtype=dtype)
 
 
-def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, backend: str) -> dict[str, Any]:
+def bench_case(
+    case: Case,
+    device: torch.device,
+    dtype: torch.dtype,
+    runs: int,
+    backend: str,
+    variants: list[str],
+    concurrency: list[int],
+) -> dict[str, Any]:
     cuda = device.type == "cuda"
     pipe = build_pipeline(case, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -322,27 +344,26 @@ def bench_case(case: Case, device: torch.device, dtype: torch.dtype, runs: int, 
     timer = UnetTimer(pipe.unet, cuda)
     plain = measure(plain_call, timer, runs, cuda)
     timer.close()
-    plain["sequential_images_per_s"] = {
-        n: round(n / timed(lambda n=n: [plain_call(seed) for seed in range(n)], cuda), 3) for n in CONCURRENCY
-    }
+    if concurrency:  # the baseline of the requests-at-once figures: as many requests, one after another
+        n = max(concurrency)
+        plain["sequential_images_per_s"] = round(n / timed(lambda: [plain_call(seed) for seed in range(n)], cuda), 3)
     results["plain_diffusers"] = plain
     log_partial(case, "plain_diffusers", plain)
 
-    for name, fast_path in VARIANTS.items():
-        engine = engine_for(case, pipe, fast_path, device, backend)
+    for name in variants:
+        engine = engine_for(case, pipe, VARIANTS[name], device, backend)
         timer = UnetTimer(pipe.unet, cuda)
         engine_call = engine_caller(engine, case)
         stats = measure(engine_call, timer, runs, cuda)
-        timer.close()
         difference = np.abs(pixels(engine_call(0)[0]) - reference)
         stats["pixel_difference_vs_plain"] = {"max": int(difference.max()), "mean": round(float(difference.mean()), 3)}
-        stats["concurrent_images_per_s"] = {
-            n: round(concurrent_throughput(engine_call, n, cuda), 3) for n in CONCURRENCY
-        }
+        log_partial(case, name, stats)
+        stats["at_once"] = {n: concurrent_throughput(engine_call, n, cuda, timer, case.steps) for n in concurrency}
+        timer.close()
         results[name] = stats
         log_partial(case, name, stats)
 
-    for name in ("plain_diffusers", *VARIANTS):
+    for name in ("plain_diffusers", *variants):
         stats = results[name]
         step_s = stats["unet_ms_per_step"] / 1000
         stats["it_per_s"] = round(case.steps / stats["latency_p50_s"], 2)
@@ -358,7 +379,9 @@ def first_call(case: Case, device: torch.device, dtype: torch.dtype, backend: st
     configure_compile_cache()
     cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     files_before = sum(1 for path in cache.rglob("*") if path.is_file()) if cache.is_dir() else 0
-    engine = engine_for(case, build_pipeline(case, device, dtype), "compile", device, backend)
+    pipe = build_pipeline(case, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    engine = engine_for(case, pipe, "compile", device, backend)
     seconds = timed(engine_caller(engine, case), device.type == "cuda")
     return {"first_call_s": round(seconds, 3), "compile_cache": str(cache), "cache_files_before": files_before}
 
@@ -368,11 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", choices=["sd15", "sdxl"], help="one model family instead of both")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument(
+        "--concurrency", nargs="*", type=int, default=list(CONCURRENCY), help="requests at once (none: skip)"
+    )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
     parser.add_argument(
         "--first-call", action="store_true", help="only the fast path's first call (run again: a warm compile cache)"
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dreamsketch").setLevel(logging.INFO)  # the fast path's compilations and graph captures
     cuda = torch.cuda.is_available() and not args.small
     if not cuda and not args.small:
         print("no CUDA GPU: run with --small to check the benchmark on the CPU", file=sys.stderr)
@@ -400,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.first_call:
             report["models"][name] = {"dreamsketch_compile": first_call(case, device, dtype, args.compile_backend)}
         else:
-            report["models"][name] = bench_case(case, device, dtype, args.runs, args.compile_backend)
+            report["models"][name] = bench_case(
+                case, device, dtype, args.runs, args.compile_backend, args.variants, args.concurrency
+            )
     print(json.dumps(report, indent=2))
     return 0
 

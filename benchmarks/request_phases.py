@@ -1,0 +1,151 @@
+"""Where one request's time goes in DreamSketch's engine: text encoding, UNet calls, scheduler steps, the rest of
+the denoising loop (CFG arithmetic, step callback, waits), VAE decoding and conversion to pictures.
+
+Each phase is timed with the device synchronised before and after it, so the phases add up to the synchronised
+request time; the request time without those synchronisations is reported beside it. Full-size SD 1.5 at 512x512
+(or SDXL at 1024x1024) with random weights, 30 steps, CFG 7.5, Euler a, as in gpu_pipeline. Prints one JSON document.
+
+    python -m benchmarks.request_phases                   # on a CUDA GPU, the fast path without torch.compile
+    python -m benchmarks.request_phases --variant compile # the whole fast path (compiles first: minutes)
+    python -m benchmarks.request_phases --small           # tiny model on the CPU: checks the benchmark itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
+
+import torch
+
+from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, timed
+
+PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "postprocess")
+
+
+class PhaseClock:
+    """Wraps callables so that each call's synchronised duration adds to its phase."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.ms: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def wrap(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)  # diffusers reads the scheduler's signature to decide what to pass
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.sync()
+                self.ms[phase] += (time.perf_counter() - start) * 1000
+                self.calls[phase] += 1
+
+        return timed_call
+
+    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+        ms, calls = dict(self.ms), dict(self.calls)
+        self.ms.clear()
+        self.calls.clear()
+        return ms, calls
+
+
+@contextlib.contextmanager
+def instrumented(pipe: Any, clock: PhaseClock) -> Iterator[None]:
+    """Time the phases of `pipe`'s requests while inside."""
+    targets = [
+        (type(pipe.scheduler), "step", "scheduler_step"),  # the engine makes a new scheduler of this class per request
+        (pipe, "encode_prompt", "encode_prompt"),
+        (pipe.unet, "forward", "unet"),
+        (pipe.vae, "decode", "vae_decode"),
+        (pipe.image_processor, "postprocess", "postprocess"),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, phase in targets:
+            stack.enter_context(mock.patch.object(owner, name, clock.wrap(phase, getattr(owner, name))))
+        yield
+
+
+def measure(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool) -> dict[str, Any]:
+    plain_ms = [timed(call, cuda) * 1000 for _ in range(runs)]
+    clock = PhaseClock(cuda)
+    totals, phases, calls = [], defaultdict(list), {}
+    with instrumented(pipe, clock):
+        for _ in range(runs):
+            totals.append(timed(call, cuda) * 1000)
+            ms, calls = clock.take()
+            for phase in PHASES:
+                phases[phase].append(ms.get(phase, 0.0))
+    median = {phase: round(statistics.median(values), 2) for phase, values in phases.items()}
+    synced = statistics.median(totals)
+    return {
+        "request_ms": round(statistics.median(plain_ms), 2),
+        "request_ms_synchronised": round(synced, 2),
+        "phases_ms": median,
+        "phase_calls": calls,
+        "rest_of_denoising_loop_ms": round(synced - sum(median.values()), 2),
+    }
+
+
+def profile(call: Callable[[], Any], rows: int) -> str:
+    """torch.profiler's table of one request's operators, by time on the device (CPU time without a GPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        call()
+    key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
+    parser.add_argument("--only", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--variant", choices=["default", "graphs", "compile"], default="graphs")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="also print torch.profiler's table")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.small
+    if not cuda and not args.small:
+        print("no CUDA GPU: run with --small to check the benchmark on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    case = next(case for case in cases(args.small) if case.family == args.only)
+    pipe = build_pipeline(case, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    variant = None if args.variant == "default" else args.variant
+    call = engine_caller(engine_for(case, pipe, variant, device, args.compile_backend), case)
+    report = {
+        "benchmark": "request_phases",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "versions": {"torch": torch.__version__},
+        "model": f"{case.model_id}_{case.size}",
+        "variant": args.variant,
+        "first_call_s": round(timed(call, cuda), 3),  # compiles and captures; not in the figures below
+    }
+    if args.profile:
+        print(profile(call, args.profile), file=sys.stderr)
+    report.update(measure(pipe, call, args.runs, cuda))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
