@@ -22,7 +22,8 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
     cat "$OUT/$1.json"
 }
 
-step gpu_pipeline_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
+# torch's compile steps with their times (tracing, inductor), to split the first call's compilation up
+step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 "$@"
