@@ -386,6 +386,19 @@ def first_call(case: Case, device: torch.device, dtype: torch.dtype, backend: st
     return {"first_call_s": round(seconds, 3), "compile_cache": str(cache), "cache_files_before": files_before}
 
 
+def prepare(small: bool) -> tuple[torch.device, torch.dtype]:
+    """Log the fast path's compilations and graph captures, and choose what to measure on: CUDA in fp16, or with
+    --small the CPU in fp32. Exits (status 2) without a GPU unless --small."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dreamsketch").setLevel(logging.INFO)
+    if small:
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: run with --small to check the benchmark on the CPU", file=sys.stderr)
+        raise SystemExit(2)
+    return torch.device("cuda"), torch.float16
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
@@ -400,14 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         "--first-call", action="store_true", help="only the fast path's first call (run again: a warm compile cache)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("dreamsketch").setLevel(logging.INFO)  # the fast path's compilations and graph captures
-    cuda = torch.cuda.is_available() and not args.small
-    if not cuda and not args.small:
-        print("no CUDA GPU: run with --small to check the benchmark on the CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    device, dtype = prepare(args.small)
+    cuda = device.type == "cuda"
     report: dict[str, Any] = {
         "benchmark": "gpu_pipeline",
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

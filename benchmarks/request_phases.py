@@ -26,7 +26,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, timed
+from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, prepare, timed
 
 PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "postprocess")
 
@@ -121,12 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="also print torch.profiler's table")
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.small
-    if not cuda and not args.small:
-        print("no CUDA GPU: run with --small to check the benchmark on the CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    device, dtype = prepare(args.small)
+    cuda = device.type == "cuda"
     case = next(case for case in cases(args.small) if case.family == args.only)
     pipe = build_pipeline(case, device, dtype)
     pipe.set_progress_bar_config(disable=True)
