@@ -22,8 +22,11 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
     cat "$OUT/$1.json"
 }
 
-# torch's compile steps with their times (tracing, inductor), to split the first call's compilation up
-step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
+# torch's compile steps with their times (tracing, inductor), to split the first call's compilation up; SD 1.5
+# also measures CUDA graphs without compilation (2.2x plain on 2026-11-26 with a 1.3 s first call: a candidate
+# for the default on CUDA, but slower with 8 requests at once, not yet explained)
+step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
+    --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 "$@"
