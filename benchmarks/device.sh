@@ -2,7 +2,8 @@
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
 # first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5, then SDXL;
 # the fast path's first call in a fresh process with the compile cache warm (SD 1.5); where an SD 1.5 request's
-# time goes (request_phases); the CUDA tests of the fast path; SDXL's warm first call. About 10 minutes on an H100.
+# time goes (request_phases); the CUDA tests of the fast path; SDXL's warm first call. About 12 minutes on an H100
+# (estimated from the 2026-11-26 run).
 # Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
 set -uo pipefail
