@@ -58,7 +58,8 @@ def check_model_figures(model):
 
 
 def test_request_phases_small_form_times_each_phase(capsys):
-    assert request_phases.main(["--small", "--runs", "2", "--profile", "5"]) == 0
+    argv = ["--small", "--runs", "2", "--profile", "5", "--compile-vae", "--compile-backend", "aot_eager"]
+    assert request_phases.main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["variant"] == "graphs" and report["model"] == "tiny-sd15_128"
@@ -72,6 +73,8 @@ def test_request_phases_small_form_times_each_phase(capsys):
     assert all(report["phases_ms"][phase] > 0 for phase in request_phases.PHASES)
     assert report["rest_of_denoising_loop_ms"] >= 0  # the phases do not overlap: they fit inside the request
     assert "Self CPU time total" in captured.err  # the profiler's table
+    compiled = report["vae_compiled"]  # fp32 on the CPU: the compiled VAE gives the eager VAE's picture
+    assert compiled["pixel_difference_max"] <= 1 and compiled["phase_calls"] == report["phase_calls"]
 
 
 @pytest.mark.slow
