@@ -58,13 +58,14 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
     return pipe
 
 
-def compile_regions(unet: torch.nn.Module, backend: str) -> None:
+def compile_regions(model: torch.nn.Module, backend: str) -> None:
+    """torch.compile each of `model`'s REGIONS blocks (the UNet's; benchmarks also try the VAE decoder's)."""
     configure_compile_cache()
     options = INDUCTOR_OPTIONS if backend == "inductor" else None
-    for module in unet.modules():
+    for module in model.modules():
         if type(module).__name__ in REGIONS:
             module.compile(backend=backend, fullgraph=True, dynamic=True, options=options)
-    unet.forward = with_recompile_limit(unet.forward)
+    model.forward = with_recompile_limit(model.forward)
 
 
 def with_recompile_limit(forward: Callable[..., Any]) -> Callable[..., Any]:
