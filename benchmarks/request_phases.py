@@ -1,5 +1,6 @@
-"""Where one request's time goes in DreamSketch's engine: text encoding, UNet calls, scheduler steps, the rest of
-the denoising loop (CFG arithmetic, step callback, waits), VAE decoding and conversion to pictures.
+"""Where one request's time goes in DreamSketch's engine: text encoding, UNet calls, scheduler steps, VAE decoding,
+conversion to pictures, and the rest (`rest_ms`: the denoising loop's CFG arithmetic and step callbacks, scheduler
+setup, initial noise, the engine's own work).
 
 Each phase is timed with the device synchronised before and after it, so the phases add up to the synchronised
 request time; the request time without those synchronisations is reported beside it. Full-size SD 1.5 at 512x512
@@ -99,7 +100,7 @@ def measure(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool) -> dict[s
         "request_ms_synchronised": round(synced, 2),
         "phases_ms": median,
         "phase_calls": calls,
-        "rest_of_denoising_loop_ms": round(synced - sum(median.values()), 2),
+        "rest_ms": round(synced - sum(median.values()), 2),
     }
 
 
