@@ -18,6 +18,7 @@ import logging
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -266,8 +267,14 @@ def concurrent_throughput(
     rows per request, and a pipeline call makes `steps` UNet calls)."""
 
     def round_of_requests() -> None:
+        arrival = threading.Barrier(clients)  # all requests arrive together, not as their threads happen to start
+
+        def arrive(seed: int) -> Any:
+            arrival.wait()
+            return call(seed)
+
         with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(call, range(clients)))  # a failed request fails the benchmark
+            list(pool.map(arrive, range(clients)))  # a failed request fails the benchmark
 
     round_of_requests()
     timer.take()
