@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and case.family != args.only:
             continue
         pipe = build_pipeline(case, torch.device("cpu"), torch.float32)
-        report[f"{case.model_id}_{case.size}"] = check(pipe, args.backend)
+        report[case.name] = check(pipe, args.backend)
     print(json.dumps(report, indent=2))
     return 0
 

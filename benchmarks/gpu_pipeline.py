@@ -145,6 +145,11 @@ class Case:
     steps: int
     build: Callable[[], Any]
 
+    @property
+    def name(self) -> str:
+        """The model's key in the reports, e.g. sd15_512."""
+        return f"{self.model_id}_{self.size}"
+
 
 def cases(small: bool) -> list[Case]:
     if small:
@@ -314,16 +319,15 @@ def engine_caller(engine: LocalEngine, case: Case) -> Callable[[int], Any]:
 def log_partial(case: Case, variant: str, stats: dict[str, Any]) -> None:
     """One JSON line on stderr as each part of a variant finishes, so that a run cut short still leaves its
     figures."""
-    print(
-        json.dumps({"model": f"{case.model_id}_{case.size}", "variant": variant, **stats}), file=sys.stderr, flush=True
-    )
+    print(json.dumps({"model": case.name, "variant": variant, **stats}), file=sys.stderr, flush=True)
 
 
 def build_pipeline(case: Case, device: torch.device, dtype: torch.dtype) -> Any:
-    """Random weights made on the device itself (SDXL's take most of a minute on a CPU)."""
+    """Random weights made on the device itself (SDXL's take most of a minute on a CPU); no progress bars."""
     torch.manual_seed(0)
     with torch.device(device):
         pipe = case.build()
+    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
 
@@ -338,7 +342,6 @@ def bench_case(
 ) -> dict[str, Any]:
     cuda = device.type == "cuda"
     pipe = build_pipeline(case, device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     flops = unet_flops(pipe, case, device, dtype)
     kwargs = dict(prompt="a photo of a fox", num_inference_steps=case.steps, guidance_scale=7.5)
     kwargs.update(width=case.size, height=case.size)
@@ -387,7 +390,6 @@ def first_call(case: Case, device: torch.device, dtype: torch.dtype, backend: st
     cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     files_before = sum(1 for path in cache.rglob("*") if path.is_file()) if cache.is_dir() else 0
     pipe = build_pipeline(case, device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     engine = engine_for(case, pipe, "compile", device, backend)
     seconds = timed(engine_caller(engine, case), device.type == "cuda")
     return {"first_call_s": round(seconds, 3), "compile_cache": str(cache), "cache_files_before": files_before}
@@ -439,11 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases(args.small):
         if args.only and case.family != args.only:
             continue
-        name = f"{case.model_id}_{case.size}"
         if args.first_call:
-            report["models"][name] = {"dreamsketch_compile": first_call(case, device, dtype, args.compile_backend)}
+            report["models"][case.name] = {"dreamsketch_compile": first_call(case, device, dtype, args.compile_backend)}
         else:
-            report["models"][name] = bench_case(
+            report["models"][case.name] = bench_case(
                 case, device, dtype, args.runs, args.compile_backend, args.variants, args.concurrency
             )
     print(json.dumps(report, indent=2))

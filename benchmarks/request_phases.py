@@ -147,14 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     case = next(case for case in cases(args.small) if case.family == args.only)
     pipe = build_pipeline(case, device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     variant = None if args.variant == "default" else args.variant
     call = engine_caller(engine_for(case, pipe, variant, device, args.compile_backend), case)
     report = {
         "benchmark": "request_phases",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": {"torch": torch.__version__},
-        "model": f"{case.model_id}_{case.size}",
+        "model": case.name,
         "variant": args.variant,
         "first_call_s": round(timed(call, cuda), 3),  # compiles and captures; not in the figures below
     }
