@@ -17,7 +17,7 @@ from dreamsketch.config import Settings
 from dreamsketch.pipelines import LoadedModel, PipelineCache, free_memory
 from dreamsketch.registry import Registry
 from dreamsketch.request import GenerationRequest
-from dreamsketch.schedulers import make_scheduler, scheduler_name
+from dreamsketch.schedulers import scheduler_name, seed_own_noise
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,11 @@ class LocalEngine:
         first = jobs[0].request
         spec = model.spec
         pipe = model.txt2img if first.image is None else model.img2img
-        own = model.default_scheduler
-        name = first.scheduler or spec.scheduler
-        if name is None:
-            pipe.scheduler = type(own).from_config(own.config)
-            name = scheduler_name(own)
-        else:
-            pipe.scheduler = make_scheduler(name, own.config)
+        chosen = first.scheduler or spec.scheduler
+        pipe.scheduler = model.fresh_scheduler(chosen)
+        name = chosen or scheduler_name(model.default_scheduler)
+        seeds = [seed for job in jobs for seed in job.request.image_seeds()]
+        seed_own_noise(pipe.scheduler, seeds)
         spans, start = [], 0
         for job in jobs:
             spans.append(slice(start, start + job.request.batch_size))
@@ -233,7 +231,7 @@ class LocalEngine:
             negative_prompt=negative if first.negative_prompt else None,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(s) for job in jobs for s in job.request.image_seeds()],
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             output_type="latent",
             callback_on_step_end=callback,
         )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from dreamsketch.config import Settings
 from dreamsketch.fastpath import apply_fast_path, warm_up
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
+from dreamsketch.schedulers import make_scheduler
 from dreamsketch.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,16 @@ class LoadedModel:
     txt2img: Any
     img2img: Any
     default_scheduler: Any  # the model's own, kept before any request swaps the pipelines' schedulers
+    scheduler_prototypes: dict[str | None, Any] = field(default_factory=dict)  # never stepped; copied per request
+
+    def fresh_scheduler(self, name: str | None) -> Any:
+        """A new scheduler of the named kind (None: the model's own kind), copied from one built once per model:
+        building some takes tens of milliseconds (DPM++ SDE Karras), copying a tenth of one."""
+        if name not in self.scheduler_prototypes:
+            own = self.default_scheduler
+            built = type(own).from_config(own.config) if name is None else make_scheduler(name, own.config)
+            self.scheduler_prototypes[name] = built
+        return copy.deepcopy(self.scheduler_prototypes[name])
 
 
 def resolve_device(setting: str) -> torch.device:

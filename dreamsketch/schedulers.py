@@ -35,3 +35,11 @@ def scheduler_name(scheduler: Any) -> str:
         if candidate == class_name and extra.get("use_karras_sigmas", False) == karras:
             return name
     return class_name
+
+
+def seed_own_noise(scheduler: Any, seeds: list[int]) -> None:
+    """DPM++ SDE draws its noise from Brownian trees of its own rather than from the pipeline's generators, and
+    without a seed of its own from torch's global generator (the same seed then gave another picture each time):
+    one tree per image, seeded with that image's seed."""
+    if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
+        scheduler.noise_sampler_seed = seeds

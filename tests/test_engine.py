@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dreamsketch.pipelines
 from dreamsketch.engine import GenerationCancelled, GenerationError, LocalEngine, latent_preview
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
@@ -54,6 +55,31 @@ def test_every_scheduler_runs(engine, name):
     generation = engine.generate(request(engine, scheduler=name, steps=2))
     assert generation.scheduler == name and len(generation.images) == 1
     assert type(engine.cache.get("tiny-demo").txt2img.scheduler).__name__ == SCHEDULERS[name][0]
+
+
+def test_schedulers_are_built_once_per_model_and_copied_fresh_for_each_request(engine, monkeypatch):
+    built = []
+    original = dreamsketch.pipelines.make_scheduler
+    monkeypatch.setattr("dreamsketch.pipelines.make_scheduler", lambda *args: built.append(args[0]) or original(*args))
+    first, again = (engine.generate(request(engine, scheduler="DPM++ 2M")) for _ in range(2))
+    assert built == ["DPM++ 2M"]
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+    model = engine.cache.get("tiny-demo")
+    assert model.txt2img.scheduler is not model.scheduler_prototypes["DPM++ 2M"]
+    plain = model.txt2img.__class__(**model.txt2img.components)
+    plain.scheduler = original("DPM++ 2M", model.default_scheduler.config)
+    expected = plain("a red fox", num_inference_steps=3, generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.abs(pixels(expected) - pixels(first.images[0])).max() <= 1
+
+
+def test_sde_scheduler_pictures_follow_the_seed(engine):
+    """DPM++ SDE takes its noise from its own Brownian trees, not from the generators: they are seeded per image."""
+    single = [engine.generate(request(engine, scheduler="DPM++ SDE Karras", seed=seed)) for seed in (7, 8, 7)]
+    batch = engine.generate(request(engine, scheduler="DPM++ SDE Karras", seed=7, batch_size=2))
+    assert np.array_equal(pixels(single[0].images[0]), pixels(single[2].images[0]))
+    assert not np.array_equal(pixels(single[0].images[0]), pixels(single[1].images[0]))
+    for image, alone in zip(batch.images, single[:2], strict=True):
+        assert np.abs(pixels(image) - pixels(alone.images[0])).max() <= 2
 
 
 def test_default_scheduler_is_the_models_own(engine):
