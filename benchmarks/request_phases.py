@@ -28,10 +28,11 @@ from unittest import mock
 import numpy as np
 import torch
 
+import dreamsketch.engine
 from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, prepare, timed
 from dreamsketch.fastpath import compile_regions
 
-PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "postprocess")
+PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "to_pictures")
 
 
 class PhaseClock:
@@ -75,7 +76,7 @@ def instrumented(pipe: Any, clock: PhaseClock) -> Iterator[None]:
         (pipe, "encode_prompt", "encode_prompt"),
         (pipe.unet, "forward", "unet"),
         (pipe.vae, "decode", "vae_decode"),
-        (pipe.image_processor, "postprocess", "postprocess"),
+        (dreamsketch.engine, "to_pictures", "to_pictures"),
     ]
     with contextlib.ExitStack() as stack:
         for owner, name, phase in targets:

@@ -275,7 +275,14 @@ def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # ty
             pixels = vae.decode(scaled.float(), return_dict=False)[0]
         finally:
             vae.to(original)
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+    return to_pictures(pixels)
+
+
+def to_pictures(pixels: torch.Tensor) -> list[Image.Image]:
+    """The VAE's output (-1..1) as 8-bit pictures, rounded as diffusers' VaeImageProcessor does, but on the
+    pixels' device: a quarter of the bytes cross to the host and the host does no arithmetic."""
+    levels = ((pixels.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(array) for array in levels.permute(0, 2, 3, 1).contiguous().cpu().numpy()]
 
 
 def _is_broken(pixels: torch.Tensor) -> bool:

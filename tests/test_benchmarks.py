@@ -68,7 +68,7 @@ def test_request_phases_small_form_times_each_phase(capsys):
         "unet": 4,  # tiny-demo's 4 steps, one UNet call each (CFG batched)
         "scheduler_step": 4,
         "vae_decode": 1,
-        "postprocess": 2,  # the pipeline's pass-through of latents, then the engine's conversion to pictures
+        "to_pictures": 1,
     }
     assert all(report["phases_ms"][phase] > 0 for phase in request_phases.PHASES)
     assert report["rest_ms"] >= 0  # the phases do not overlap: they fit inside the request

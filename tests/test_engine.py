@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import dreamsketch.pipelines
-from dreamsketch.engine import GenerationCancelled, GenerationError, LocalEngine, latent_preview
+from dreamsketch.engine import GenerationCancelled, GenerationError, LocalEngine, latent_preview, to_pictures
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
 from dreamsketch.schedulers import SCHEDULERS
@@ -330,3 +330,15 @@ def test_a_request_that_finds_nobody_waiting_gives_others_a_moment_to_join(engin
     for thread in followers:
         thread.join(60)
     assert calls == [3] and first.seeds == [1]
+
+
+def test_pictures_are_rounded_as_diffusers_rounds_them():
+    from diffusers.image_processor import VaeImageProcessor
+
+    decoded = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # some clamped
+    decoded[0, 0, 0, :3] = torch.tensor([-1.0, 1.0, 0.0])  # 0.0 is 127.5 levels: a tie, rounded to even
+    for dtype in (torch.float32, torch.float16):  # the VAE decodes in fp16 on a GPU
+        pictures = to_pictures(decoded.to(dtype))
+        expected = VaeImageProcessor().postprocess(decoded.to(dtype).float(), output_type="pil")
+        assert [picture.mode for picture in pictures] == ["RGB", "RGB"]
+        assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(pictures, expected, strict=True))
