@@ -41,7 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from dreamsketch.config import Settings
 from dreamsketch.engine import LocalEngine
-from dreamsketch.fastpath import apply_fast_path, configure_compile_cache
+from dreamsketch.fastpath import apply_fast_path, configure_compile_cache, graphed_models
 from dreamsketch.pipelines import PIPELINE_CLASSES, LoadedModel
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import parse_request
@@ -299,7 +299,8 @@ def engine_for(case: Case, pipe: Any, fast_path: str | None, device: torch.devic
     settings = Settings(device=device.type, compile=fast_path == "compile")
     engine = LocalEngine(settings, Registry([spec]))
     if fast_path:
-        vars(pipe.unet).pop("forward", None)  # graphs captured by an earlier variant hold other kernels
+        for model in graphed_models(pipe):  # graphs captured by an earlier variant hold other kernels
+            vars(model).pop("forward", None)
         apply_fast_path(pipe, backend if fast_path == "compile" else None)
     img2img = PIPELINE_CLASSES[case.family][1].from_pipe(pipe, dtype=pipe.dtype)
     engine.cache.loaded[case.model_id] = LoadedModel(spec, pipe, img2img, pipe.scheduler)

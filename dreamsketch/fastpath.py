@@ -5,8 +5,9 @@
   than on the whole UNet, with dynamic shapes, so that the number of compilations depends on the block
   configurations only, not on the batch sizes and picture sizes a server sees; inductor's caches live in a
   persistent folder so that a restart compiles from cache;
-- on CUDA, each UNet call replays a CUDA graph captured once per input shape: one UNet step of SD 1.5 at
-  512x512 is mostly kernel-launch overhead (DESIGN.md, "Performance facts").
+- on CUDA, each call of the UNet and of the text encoders replays a CUDA graph captured once per input shape: one
+  UNet step of SD 1.5 at 512x512 is mostly kernel-launch overhead (DESIGN.md, "Performance facts"), and a text
+  encoder's few hundred small kernels are nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dreamsketch" / "torch-compile"
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")
+GRAPHED = ("unet", "text_encoder", "text_encoder_2")  # a pipeline's models whose calls replay CUDA graphs
 RECOMPILE_LIMIT = 64  # compiled variants per block class (one per block configuration)
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
 MAX_GRAPHS = 32  # captured input shapes (batch size x picture size); later new shapes run eagerly
@@ -53,9 +55,15 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
         compile_regions(pipe.unet, backend)
     graphs = pipe.device.type == "cuda"
     if graphs:
-        pipe.unet.forward = CudaGraphs(pipe.unet.forward)
+        for model in graphed_models(pipe):
+            model.forward = CudaGraphs(model.forward, type(model).__name__)
     log.info("fast path on: channels_last, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)
     return pipe
+
+
+def graphed_models(pipe: Any) -> list[torch.nn.Module]:
+    """The GRAPHED models that `pipe` has (SD 1.x/2.x: one text encoder, SDXL: two)."""
+    return [model for model in (getattr(pipe, name, None) for name in GRAPHED) if model is not None]
 
 
 def compile_regions(model: torch.nn.Module, backend: str) -> None:
@@ -87,8 +95,8 @@ class CudaGraphs:
     arguments' values) captures a CUDA graph; later calls copy their tensors into the graph's inputs and replay
     it. Callers must not run two calls at once (the engine holds its device lock)."""
 
-    def __init__(self, forward: Callable[..., Any]) -> None:
-        self.forward = forward
+    def __init__(self, forward: Callable[..., Any], name: str) -> None:
+        self.forward, self.name = forward, name
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any] | None] = {}
 
@@ -119,7 +127,13 @@ class CudaGraphs:
             return None
         shape = next(tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor))
         seconds, count = time.perf_counter() - start, len(self.graphs) + 1
-        log.info("captured a CUDA graph for %s in %.1f s, compilation included (%d so far)", shape, seconds, count)
+        log.info(
+            "captured a CUDA graph of %s for %s in %.1f s, compilation included (%d so far)",
+            self.name,
+            shape,
+            seconds,
+            count,
+        )
         return captured
 
     def _capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]:

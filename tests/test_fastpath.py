@@ -9,13 +9,14 @@ import threading
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves, tree_unflatten
 
 import dreamsketch.fastpath
 from dreamsketch.engine import LocalEngine
-from dreamsketch.fastpath import REGIONS, CudaGraphs, apply_fast_path, signature
+from dreamsketch.fastpath import REGIONS, CudaGraphs, apply_fast_path, graphed_models, signature
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
-from dreamsketch.tiny import build_tiny_pipeline
+from dreamsketch.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 
 def test_fast_path_output_equals_the_plain_path():
@@ -78,6 +79,48 @@ def test_graph_signature_tells_shapes_apart_and_refuses_what_it_cannot_replay():
     assert signature([1.5, None, "x"], "spec") == ("spec", 1.5, None, "x")
 
 
+class CpuReplay:
+    """Stands in for a captured CUDA graph on the CPU: a replay computes the wrapped forward from the static
+    inputs into the static outputs, in place, as a CUDA graph writes into its memory."""
+
+    def __init__(self, forward, static_leaves, spec):
+        self.forward, self.static_leaves, self.spec = forward, static_leaves, spec
+        args, kwargs = tree_unflatten(static_leaves, spec)
+        self.output = forward(*args, **kwargs)
+
+    def replay(self):
+        args, kwargs = tree_unflatten(self.static_leaves, self.spec)
+        for static, fresh in zip(tree_leaves(self.output), tree_leaves(self.forward(*args, **kwargs)), strict=True):
+            static.copy_(fresh)
+
+
+def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(monkeypatch):
+    """diffusers encodes the prompt and then the negative prompt through the same text encoder graph: the first
+    call's output (a transformers ModelOutput) must not change when the second replays."""
+    monkeypatch.setattr("torch.cuda.graph_pool_handle", lambda: None)
+    monkeypatch.setattr("dreamsketch.fastpath.signature", lambda leaves, spec: (str(spec), leaves[0].shape))
+
+    def capture(self, leaves, spec):
+        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        replay = CpuReplay(self.forward, static, spec)
+        return replay, [leaf for leaf in static if isinstance(leaf, torch.Tensor)], replay.output
+
+    monkeypatch.setattr(CudaGraphs, "_capture", capture)
+    encoder = build_tiny_pipeline().text_encoder
+    graphed = CudaGraphs(encoder.forward, "CLIPTextModel")
+    prompt, negative = torch.tensor([[1, 5, 9] + [2] * 74]), torch.tensor([[1] + [2] * 76])
+    with torch.no_grad():
+        first, second = graphed(prompt, output_hidden_states=True), graphed(negative, output_hidden_states=True)
+        expected_first, expected_second = (
+            encoder(prompt, output_hidden_states=True),
+            encoder(negative, output_hidden_states=True),
+        )
+    assert len(graphed.graphs) == 1 and type(first) is type(expected_first)
+    for got, expected in ((first, expected_first), (second, expected_second)):
+        for got_leaf, expected_leaf in zip(tree_leaves(got), tree_leaves(expected), strict=True):
+            assert torch.equal(got_leaf, expected_leaf)
+
+
 def test_compile_cache_outlives_reboots_unless_the_user_chose_one(monkeypatch, tmp_path):
     import diffusers  # noqa: F401  (importing it sets TORCHINDUCTOR_CACHE_DIR to torch's default under /tmp)
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -94,15 +137,22 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("backend", [None, "inductor"])
-def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(backend):
-    plain = build_tiny_pipeline().to("cuda", torch.float16)
-    fast = apply_fast_path(build_tiny_pipeline().to("cuda", torch.float16), backend=backend)
-    assert isinstance(fast.unet.forward, CudaGraphs)
+@pytest.mark.parametrize(
+    ("build", "backend"),
+    [(build_tiny_pipeline, None), (build_tiny_pipeline, "inductor"), (build_tiny_sdxl_pipeline, None)],
+)
+def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(build, backend):
+    plain = build().to("cuda", torch.float16)
+    fast = apply_fast_path(build().to("cuda", torch.float16), backend=backend)
+    graphed = graphed_models(fast)
+    assert [type(model).__name__ for model in graphed[1:]] == (
+        ["CLIPTextModel", "CLIPTextModelWithProjection"] if fast.text_encoder_2 is not None else ["CLIPTextModel"]
+    )
     kwargs = dict(prompt=["a red fox"], num_inference_steps=4, height=128, width=128, output_type="np")
     for batch, seed in ((1, 1), (1, 2), (3, 3)):
         a = plain(**{**kwargs, "prompt": kwargs["prompt"] * batch}, generator=torch.Generator().manual_seed(seed))
         b = fast(**{**kwargs, "prompt": kwargs["prompt"] * batch}, generator=torch.Generator().manual_seed(seed))
         assert np.abs(a.images - b.images).max() < 2e-2  # fp16 noise
-    assert len(fast.unet.forward.graphs) == 2  # one graph per input shape: CFG batches 2 and 6
-    assert all(captured is not None for captured in fast.unet.forward.graphs.values())
+    for model in graphed:  # one graph per input shape: UNet CFG batches 2 and 6, text encoder batches 1 and 3
+        assert isinstance(model.forward, CudaGraphs) and len(model.forward.graphs) == 2
+        assert all(captured is not None for captured in model.forward.graphs.values())
