@@ -28,8 +28,9 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
 # for the default on CUDA, but slower with 8 requests at once, not yet explained)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
-# the compile cache is warm now: where the compiled request's time goes, and whether the VAE is worth compiling
-step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
+# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's timed algorithm
+# choice and a compiled VAE decoder are worth having
+step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 --cudnn-benchmark \
     --compile-vae "$@"
 echo "== cuda tests $(date -u +%T)" | tee -a "$OUT/log.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 >> "$OUT/log.txt"

@@ -9,6 +9,8 @@ request time; the request time without those synchronisations is reported beside
     python -m benchmarks.request_phases                   # on a CUDA GPU, the fast path without torch.compile
     python -m benchmarks.request_phases --variant compile # the whole fast path (compiles first: minutes)
     python -m benchmarks.request_phases --small           # tiny model on the CPU: checks the benchmark itself
+
+Experiments (not in the app), each measured again after the ones before it: --cudnn-benchmark, --compile-vae.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 import dreamsketch.engine
 from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, prepare, timed
-from dreamsketch.fastpath import compile_regions
+from dreamsketch.fastpath import CudaGraphs, compile_regions, graphed_models
 
 PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "to_pictures")
 
@@ -105,11 +107,11 @@ def measure(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool) -> dict[s
     }
 
 
-def measure_compiled_vae(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool, backend: str) -> dict[str, Any]:
-    """The same measurement with the VAE decoder's resnet blocks compiled, its first call (the compilation) and how
-    far its picture is from the eager VAE's (0..255)."""
+def experiment(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool, change: Callable[[], None]) -> dict[str, Any]:
+    """The same measurement after `change` (which stays made), its first call and how far its picture is from the
+    picture before it (0..255)."""
     before = np.asarray(call()[0], dtype=np.int16)
-    compile_regions(pipe.vae.decoder, backend)
+    change()
     first_s = timed(call, cuda)
     after = np.asarray(call()[0], dtype=np.int16)
     return {
@@ -117,6 +119,15 @@ def measure_compiled_vae(pipe: Any, call: Callable[[], Any], runs: int, cuda: bo
         "pixel_difference_max": int(np.abs(after - before).max()),
         **measure(pipe, call, runs, cuda),
     }
+
+
+def use_cudnn_benchmark(pipe: Any) -> None:
+    """cuDNN picks each convolution's algorithm by timing the candidates at the first call of a shape; graphs
+    captured before are dropped, so that they are captured again with those algorithms."""
+    torch.backends.cudnn.benchmark = True
+    for model in graphed_models(pipe):
+        if isinstance(model.forward, CudaGraphs):
+            model.forward.graphs.clear()
 
 
 def profile(call: Callable[[], Any], rows: int) -> str:
@@ -138,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="also print torch.profiler's table")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="then let cuDNN time its convolution algorithms and measure again (an experiment: not in the app)",
+    )
     parser.add_argument(
         "--compile-vae",
         action="store_true",
@@ -161,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(profile(call, args.profile), file=sys.stderr)
     report.update(measure(pipe, call, args.runs, cuda))
+    if args.cudnn_benchmark:
+        report["cudnn_benchmark"] = experiment(pipe, call, args.runs, cuda, lambda: use_cudnn_benchmark(pipe))
     if args.compile_vae:
-        report["vae_compiled"] = measure_compiled_vae(pipe, call, args.runs, cuda, args.compile_backend)
+        report["vae_compiled"] = experiment(
+            pipe, call, args.runs, cuda, lambda: compile_regions(pipe.vae.decoder, args.compile_backend)
+        )
     print(json.dumps(report, indent=2))
     return 0
 

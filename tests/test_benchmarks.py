@@ -58,7 +58,8 @@ def check_model_figures(model):
 
 
 def test_request_phases_small_form_times_each_phase(capsys):
-    argv = ["--small", "--runs", "2", "--profile", "5", "--compile-vae", "--compile-backend", "aot_eager"]
+    argv = ["--small", "--runs", "2", "--profile", "5", "--cudnn-benchmark", "--compile-vae"]
+    argv += ["--compile-backend", "aot_eager"]
     assert request_phases.main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -73,6 +74,7 @@ def test_request_phases_small_form_times_each_phase(capsys):
     assert all(report["phases_ms"][phase] > 0 for phase in request_phases.PHASES)
     assert report["rest_ms"] >= 0  # the phases do not overlap: they fit inside the request
     assert "Self CPU time total" in captured.err  # the profiler's table
+    assert report["cudnn_benchmark"]["pixel_difference_max"] == 0  # no cuDNN on the CPU: the same computation
     compiled = report["vae_compiled"]  # fp32 on the CPU: the compiled VAE gives the eager VAE's picture
     assert compiled["pixel_difference_max"] <= 1 and compiled["phase_calls"] == report["phase_calls"]
 
