@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import diffusers
 import numpy as np
@@ -39,6 +40,7 @@ from diffusers import (
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from dreamsketch import fastpath
 from dreamsketch.config import Settings
 from dreamsketch.engine import LocalEngine
 from dreamsketch.fastpath import apply_fast_path, configure_compile_cache, graphed_models
@@ -420,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
     parser.add_argument(
+        "--regions",
+        nargs="+",
+        default=list(fastpath.REGIONS),
+        help="block classes the fast path compiles (an experiment: the app compiles fastpath.REGIONS)",
+    )
+    parser.add_argument(
         "--first-call", action="store_true", help="only the fast path's first call (run again: a warm compile cache)"
     )
     args = parser.parse_args(argv)
@@ -436,18 +444,21 @@ def main(argv: list[str] | None = None) -> int:
             "batch": 1,
             "runs": args.runs,
             "compile_backend": args.compile_backend,
+            "compiled_regions": args.regions,
         },
         "models": {},
     }
     for case in cases(args.small):
         if args.only and case.family != args.only:
             continue
-        if args.first_call:
-            report["models"][case.name] = {"dreamsketch_compile": first_call(case, device, dtype, args.compile_backend)}
-        else:
-            report["models"][case.name] = bench_case(
-                case, device, dtype, args.runs, args.compile_backend, args.variants, args.concurrency
-            )
+        with mock.patch.object(fastpath, "REGIONS", tuple(args.regions)):
+            if args.first_call:
+                figures = {"dreamsketch_compile": first_call(case, device, dtype, args.compile_backend)}
+            else:
+                figures = bench_case(
+                    case, device, dtype, args.runs, args.compile_backend, args.variants, args.concurrency
+                )
+        report["models"][case.name] = figures
     print(json.dumps(report, indent=2))
     return 0
 

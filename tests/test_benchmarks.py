@@ -4,8 +4,11 @@ No timing is asserted."""
 import json
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
 from benchmarks import compile_regions, cpu_overhead, gpu_pipeline, request_phases
+from dreamsketch import fastpath
 
 
 @pytest.mark.slow
@@ -27,6 +30,19 @@ def test_gpu_pipeline_first_call_form(capsys, tmp_path, monkeypatch):
     figures = report["models"]["tiny-sd15_128"]["dreamsketch_compile"]
     assert figures["first_call_s"] > 0 and figures["compile_cache"] == str(tmp_path)
     assert figures["cache_files_before"] == 0
+
+
+def test_gpu_pipeline_regions_experiment_compiles_only_the_named_blocks(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    graphs = {}
+    for regions in (["BasicTransformerBlock"], list(fastpath.REGIONS)):
+        torch._dynamo.reset()
+        argv = ["--small", "--first-call", "--only", "sd15", "--compile-backend", "aot_eager", "--regions", *regions]
+        assert gpu_pipeline.main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["settings"]["compiled_regions"] == regions
+        graphs[regions[0]] = counters["stats"]["unique_graphs"]
+    assert 0 < graphs["BasicTransformerBlock"] < graphs[fastpath.REGIONS[0]]
+    assert fastpath.REGIONS == ("ResnetBlock2D", "BasicTransformerBlock")  # the experiment's choice is undone
 
 
 def test_compile_regions_small_form_compiles_once_per_block_configuration(capsys):
