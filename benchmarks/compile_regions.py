@@ -6,6 +6,7 @@ how far the output is from eager, and the time. Prints one JSON document.
     python -m benchmarks.compile_regions                       # aot_eager: tracing only, about 2 minutes on a CPU
     python -m benchmarks.compile_regions --backend inductor    # inductor's code generation too
     python -m benchmarks.compile_regions --small               # tiny UNets: checks the script itself
+    python -m benchmarks.compile_regions --regions BasicTransformerBlock   # an experiment: other blocks compiled
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import json
 import sys
 import time
 from typing import Any
+from unittest import mock
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor import metrics
 
-from benchmarks.gpu_pipeline import build_pipeline, cases, unet_inputs
+from benchmarks.gpu_pipeline import add_regions_argument, build_pipeline, cases, unet_inputs
+from dreamsketch import fastpath
 from dreamsketch.fastpath import apply_fast_path
 
 SHAPES = ((2, 16), (6, 24), (2, 32))  # (UNet batch, latent side): the first call compiles, the others must not
@@ -38,7 +42,8 @@ def check(pipe: Any, backend: str) -> dict[str, Any]:
         counters.clear()
         calls = []
         for (batch, side), (args, kwargs), expected in zip(SHAPES, inputs, eager, strict=True):
-            graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
+            graphs, kernels = counters["stats"]["unique_graphs"], metrics.generated_kernel_count
+            start = time.perf_counter()
             output = unet(*args, **kwargs, return_dict=False)[0]
             seconds = time.perf_counter() - start
             calls.append(
@@ -47,6 +52,7 @@ def check(pipe: Any, backend: str) -> dict[str, Any]:
                     "latent": side,
                     "seconds": round(seconds, 2),
                     "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
+                    "kernels_generated": metrics.generated_kernel_count - kernels,  # by inductor; 0 with aot_eager
                     "max_difference_vs_eager": (output - expected).abs().max().item(),
                 }
             )
@@ -62,14 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="aot_eager", help="torch.compile backend (inductor: code generation)")
     parser.add_argument("--only", choices=["sd15", "sdxl"], help="one model family instead of both")
     parser.add_argument("--small", action="store_true", help="tiny UNets, to check the script")
+    add_regions_argument(parser)
     args = parser.parse_args(argv)
-    report: dict[str, Any] = {"benchmark": "compile_regions", "backend": args.backend, "torch": torch.__version__}
+    report: dict[str, Any] = {
+        "benchmark": "compile_regions",
+        "backend": args.backend,
+        "regions": args.regions,
+        "torch": torch.__version__,
+    }
     torch._dynamo.reset()  # count from nothing compiled, whatever ran before in this process
     for case in cases(args.small):
         if args.only and case.family != args.only:
             continue
         pipe = build_pipeline(case, torch.device("cpu"), torch.float32)
-        report[case.name] = check(pipe, args.backend)
+        with mock.patch.object(fastpath, "REGIONS", tuple(args.regions)):
+            report[case.name] = check(pipe, args.backend)
     print(json.dumps(report, indent=2))
     return 0
 

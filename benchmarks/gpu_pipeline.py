@@ -411,6 +411,15 @@ def prepare(small: bool) -> tuple[torch.device, torch.dtype]:
     return torch.device("cuda"), torch.float16
 
 
+def add_regions_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--regions",
+        nargs="+",
+        default=list(fastpath.REGIONS),
+        help="block classes the fast path compiles (an experiment: the app compiles fastpath.REGIONS)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
@@ -421,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", nargs="*", type=int, default=list(CONCURRENCY), help="requests at once (none: skip)"
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
-    parser.add_argument(
-        "--regions",
-        nargs="+",
-        default=list(fastpath.REGIONS),
-        help="block classes the fast path compiles (an experiment: the app compiles fastpath.REGIONS)",
-    )
+    add_regions_argument(parser)
     parser.add_argument(
         "--first-call", action="store_true", help="only the fast path's first call (run again: a warm compile cache)"
     )

@@ -53,7 +53,12 @@ def test_compile_regions_small_form_compiles_once_per_block_configuration(capsys
         assert figures["graph_breaks"] == 0 and figures["graphs_compiled_by_later_calls"] == 0
         assert [call["batch"] for call in figures["calls"]] == [2, 6, 2]
         assert all(call["max_difference_vs_eager"] < 1e-4 for call in figures["calls"])
-    assert report["tiny-sd15_128"]["calls"][0]["graphs_compiled"] > 0
+    all_regions = report["tiny-sd15_128"]["calls"][0]["graphs_compiled"]
+    assert all_regions > 0
+    assert compile_regions.main(["--small", "--only", "sd15", "--regions", "BasicTransformerBlock"]) == 0
+    transformers_only = json.loads(capsys.readouterr().out)
+    assert transformers_only["regions"] == ["BasicTransformerBlock"]
+    assert 0 < transformers_only["tiny-sd15_128"]["calls"][0]["graphs_compiled"] < all_regions
 
 
 def check_model_figures(model):
