@@ -34,10 +34,10 @@ step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_
 step gpu_pipeline_sd15_transformer_blocks env XDG_CACHE_HOME="$(mktemp -d)" python3 -m benchmarks.gpu_pipeline \
     --only sd15 --variants dreamsketch_compile --regions BasicTransformerBlock --concurrency "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
-# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's timed algorithm
-# choice and a compiled VAE decoder are worth having
+# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's timed convolution
+# algorithms, cuDNN's attention kernels and a compiled VAE decoder are worth having
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --cudnn-benchmark --compile-vae "$@"
+    --cudnn-benchmark --cudnn-attention --compile-vae "$@"
 echo "== cuda tests $(date -u +%T)" | tee -a "$OUT/log.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 >> "$OUT/log.txt"
 step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"

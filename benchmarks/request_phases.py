@@ -10,7 +10,8 @@ request time; the request time without those synchronisations is reported beside
     python -m benchmarks.request_phases --variant compile # the whole fast path (compiles first: minutes)
     python -m benchmarks.request_phases --small           # tiny model on the CPU: checks the benchmark itself
 
-Experiments (not in the app), each measured again after the ones before it: --cudnn-benchmark, --compile-vae.
+Experiments (not in the app), each measured again after the ones before it: --cudnn-benchmark,
+--cudnn-attention, --compile-vae.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
 
 import dreamsketch.engine
 from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, prepare, timed
@@ -122,9 +124,22 @@ def experiment(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool, change
 
 
 def use_cudnn_benchmark(pipe: Any) -> None:
-    """cuDNN picks each convolution's algorithm by timing the candidates at the first call of a shape; graphs
-    captured before are dropped, so that they are captured again with those algorithms."""
+    """cuDNN picks each convolution's algorithm by timing the candidates at the first call of a shape."""
     torch.backends.cudnn.benchmark = True
+    capture_again(pipe)
+
+
+def prefer_cudnn_attention(pipe: Any) -> None:
+    """Scaled dot-product attention tries cuDNN's kernels first (torch prefers flash attention); compiled blocks
+    are traced again, since the choice is made when tracing."""
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    torch._C._set_sdp_priority_order([int(backend) for backend in order])
+    torch._dynamo.reset()
+    capture_again(pipe)
+
+
+def capture_again(pipe: Any) -> None:
+    """Drop the CUDA graphs captured so far: the next call of each shape captures what runs now."""
     for model in graphed_models(pipe):
         if isinstance(model.forward, CudaGraphs):
             model.forward.graphs.clear()
@@ -155,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         help="then let cuDNN time its convolution algorithms and measure again (an experiment: not in the app)",
     )
     parser.add_argument(
+        "--cudnn-attention",
+        action="store_true",
+        help="then let attention try cuDNN's kernels first and measure again (an experiment: not in the app)",
+    )
+    parser.add_argument(
         "--compile-vae",
         action="store_true",
         help="then compile the VAE decoder's blocks like the UNet's and measure again (an experiment: not in the app)",
@@ -179,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     report.update(measure(pipe, call, args.runs, cuda))
     if args.cudnn_benchmark:
         report["cudnn_benchmark"] = experiment(pipe, call, args.runs, cuda, lambda: use_cudnn_benchmark(pipe))
+    if args.cudnn_attention:
+        report["cudnn_attention"] = experiment(pipe, call, args.runs, cuda, lambda: prefer_cudnn_attention(pipe))
     if args.compile_vae:
         report["vae_compiled"] = experiment(
             pipe, call, args.runs, cuda, lambda: compile_regions(pipe.vae.decoder, args.compile_backend)

@@ -78,8 +78,11 @@ def check_model_figures(model):
             assert max(figures["batches"]) <= 8
 
 
-def test_request_phases_small_form_times_each_phase(capsys):
-    argv = ["--small", "--runs", "2", "--profile", "5", "--cudnn-benchmark", "--compile-vae"]
+def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # experiments change both for the process
+    order = torch._C._get_sdp_priority_order()
+    request.addfinalizer(lambda: torch._C._set_sdp_priority_order(order))
+    argv = ["--small", "--runs", "2", "--profile", "5", "--cudnn-benchmark", "--cudnn-attention", "--compile-vae"]
     argv += ["--compile-backend", "aot_eager"]
     assert request_phases.main(argv) == 0
     captured = capsys.readouterr()
@@ -95,7 +98,8 @@ def test_request_phases_small_form_times_each_phase(capsys):
     assert all(report["phases_ms"][phase] > 0 for phase in request_phases.PHASES)
     assert report["rest_ms"] >= 0  # the phases do not overlap: they fit inside the request
     assert "Self CPU time total" in captured.err  # the profiler's table
-    assert report["cudnn_benchmark"]["pixel_difference_max"] == 0  # no cuDNN on the CPU: the same computation
+    for experiment in ("cudnn_benchmark", "cudnn_attention"):  # no cuDNN on the CPU: the same computation
+        assert report[experiment]["pixel_difference_max"] == 0
     compiled = report["vae_compiled"]  # fp32 on the CPU: the compiled VAE gives the eager VAE's picture
     assert compiled["pixel_difference_max"] <= 1 and compiled["phase_calls"] == report["phase_calls"]
 
