@@ -6,6 +6,7 @@
 # path; the fast path's first call in a fresh process with the compile cache warm (SD 1.5, then SDXL). About 13
 # minutes on an H100 (estimated from the 2026-11-26 run).
 # Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
+# FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
 set -uo pipefail
 OUT=${OUT:-/tmp/dreamsketch-gpu}
@@ -17,7 +18,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
+FROM=${FROM:-}
+wanted() {  # wanted NAME: whether step NAME runs (FROM is empty, or names this step or one before it)
+    [[ "$1" == "$FROM" ]] && FROM=""
+    [[ -z "$FROM" ]]
+}
+
 step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.txt
+    wanted "$1" || return 0
     echo "== $1 $(date -u +%T)" | tee -a "$OUT/log.txt"
     "${@:2}" > "$OUT/$1.json" 2>> "$OUT/log.txt"
     echo "$1 exit $?"
@@ -38,7 +46,9 @@ step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 # algorithms, cuDNN's attention kernels and a compiled VAE decoder are worth having
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
     --cudnn-benchmark --cudnn-attention --compile-vae "$@"
-echo "== cuda tests $(date -u +%T)" | tee -a "$OUT/log.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 >> "$OUT/log.txt"
+if wanted cuda_tests; then
+    echo "== cuda_tests $(date -u +%T)" | tee -a "$OUT/log.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt"
+fi
 step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"
