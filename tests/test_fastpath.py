@@ -94,18 +94,26 @@ class CpuReplay:
             static.copy_(fresh)
 
 
-def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(monkeypatch):
-    """diffusers encodes the prompt and then the negative prompt through the same text encoder graph: the first
-    call's output (a transformers ModelOutput) must not change when the second replays."""
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """CudaGraphs on the CPU: "capture" makes a CpuReplay, and CPU tensors may be captured."""
     monkeypatch.setattr("torch.cuda.graph_pool_handle", lambda: None)
-    monkeypatch.setattr("dreamsketch.fastpath.signature", lambda leaves, spec: (str(spec), leaves[0].shape))
+
+    def cpu_signature(leaves, spec):
+        return (str(spec), *[(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves])
 
     def capture(self, leaves, spec):
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         replay = CpuReplay(self.forward, static, spec)
         return replay, [leaf for leaf in static if isinstance(leaf, torch.Tensor)], replay.output
 
+    monkeypatch.setattr("dreamsketch.fastpath.signature", cpu_signature)
     monkeypatch.setattr(CudaGraphs, "_capture", capture)
+
+
+def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(cpu_graphs):
+    """diffusers encodes the prompt and then the negative prompt through the same text encoder graph: the first
+    call's output (a transformers ModelOutput) must not change when the second replays."""
     encoder = build_tiny_pipeline().text_encoder
     graphed = CudaGraphs(encoder.forward, "CLIPTextModel")
     prompt, negative = torch.tensor([[1, 5, 9] + [2] * 74]), torch.tensor([[1] + [2] * 76])
@@ -119,6 +127,23 @@ def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(monkeypatch)
     for got, expected in ((first, expected_first), (second, expected_second)):
         for got_leaf, expected_leaf in zip(tree_leaves(got), tree_leaves(expected), strict=True):
             assert torch.equal(got_leaf, expected_leaf)
+
+
+@pytest.mark.parametrize("build", [build_tiny_pipeline, build_tiny_sdxl_pipeline])
+def test_graph_replays_give_the_plain_pictures(cpu_graphs, build):
+    """The CUDA test below, with replays simulated on the CPU: the outputs of every graphed model (the UNet's,
+    the text encoders' with their hidden states and pooled embeddings) reach the pipeline intact."""
+    plain, fast = build(), build()
+    for model in graphed_models(fast):
+        model.forward = CudaGraphs(model.forward, type(model).__name__)
+    kwargs = dict(num_inference_steps=3, height=128, width=128, output_type="np")
+    for batch, seed in ((1, 1), (1, 2), (3, 3)):
+        prompts = dict(prompt=["a red fox"] * batch, negative_prompt=["blurry"] * batch)
+        a = plain(**prompts, **kwargs, generator=torch.Generator().manual_seed(seed)).images
+        b = fast(**prompts, **kwargs, generator=torch.Generator().manual_seed(seed)).images
+        assert np.abs(a - b).max() < 1e-6
+    for model in graphed_models(fast):  # one graph per input shape: UNet CFG batches 2 and 6, text batches 1 and 3
+        assert len(model.forward.graphs) == 2
 
 
 def test_compile_cache_outlives_reboots_unless_the_user_chose_one(monkeypatch, tmp_path):
@@ -145,9 +170,8 @@ def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(build, backend):
     plain = build().to("cuda", torch.float16)
     fast = apply_fast_path(build().to("cuda", torch.float16), backend=backend)
     graphed = graphed_models(fast)
-    assert [type(model).__name__ for model in graphed[1:]] == (
-        ["CLIPTextModel", "CLIPTextModelWithProjection"] if fast.text_encoder_2 is not None else ["CLIPTextModel"]
-    )
+    encoders = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if build is build_tiny_sdxl_pipeline else [])
+    assert [type(model).__name__ for model in graphed] == ["UNet2DConditionModel", *encoders]
     kwargs = dict(prompt=["a red fox"], num_inference_steps=4, height=128, width=128, output_type="np")
     for batch, seed in ((1, 1), (1, 2), (3, 3)):
         a = plain(**{**kwargs, "prompt": kwargs["prompt"] * batch}, generator=torch.Generator().manual_seed(seed))
