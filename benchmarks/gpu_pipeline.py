@@ -383,6 +383,12 @@ def bench_case(
         stats["achieved_tflops"] = round(flops / 1e12 / step_s, 1)
         stats["share_of_peak_pct"] = round(100 * flops / 1e12 / step_s / PEAK_TFLOPS, 1)
         stats["speedup_vs_plain"] = round(results["plain_diffusers"]["latency_p50_s"] / stats["latency_p50_s"], 2)
+    plain_sequential = results["plain_diffusers"].get("sequential_images_per_s")
+    for name in variants:  # issue 5's two targets for requests at once, read off directly
+        stats = results[name]
+        for figures in stats.get("at_once", {}).values():
+            figures["vs_plain_one_after_another"] = round(figures["images_per_s"] / plain_sequential, 2)
+            figures["vs_itself_one_after_another"] = round(figures["images_per_s"] * stats["latency_p50_s"], 2)
     return results
 
 

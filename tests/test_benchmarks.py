@@ -75,6 +75,7 @@ def check_model_figures(model):
         assert set(at_once) == {"4", "8"}
         for clients, figures in at_once.items():  # every request ran once, in batches the engine allows
             assert figures["images_per_s"] > 0 and sum(figures["batches"]) == int(clients)
+            assert figures["vs_plain_one_after_another"] > 0 and figures["vs_itself_one_after_another"] > 0
             assert max(figures["batches"]) <= 8
 
 
