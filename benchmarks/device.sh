@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
-# first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5; the same
-# with only the transformer blocks compiled, from an empty compile cache (the first call's cost against the step's
-# speed); gpu_pipeline for SDXL; where an SD 1.5 request's time goes (request_phases); the CUDA tests of the fast
-# path; the fast path's first call in a fresh process with the compile cache warm (SD 1.5, then SDXL). About 13
-# minutes on an H100 (estimated from the 2026-11-26 run).
+# first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5; for SDXL
+# (plain diffusers and the fast path: SDXL's default engine was measured on 2026-11-26); SD 1.5 with only the
+# transformer blocks compiled, from an empty compile cache (the first call's cost against the step's speed); where
+# an SD 1.5 request's time goes (request_phases) and its experiments; the CUDA tests of the fast path; the fast
+# path's first call in a fresh process with the compile cache warm (SD 1.5, then SDXL). About 13 minutes on an
+# H100 (estimated from the 2026-11-26 run): one call of 600 s reaches request_phases.
 # Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
@@ -37,11 +38,11 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
 # for the default on CUDA, but slower with 8 requests at once, not yet explained)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
+step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants dreamsketch_compile "$@"
 # resnet blocks are 13 of SD 1.5's 16 compiled graphs and 130 of their 196 kernels (inductor on the CPU): without
 # them the first call should take about a third of the time; at what cost per step?
 step gpu_pipeline_sd15_transformer_blocks env XDG_CACHE_HOME="$(mktemp -d)" python3 -m benchmarks.gpu_pipeline \
     --only sd15 --variants dreamsketch_compile --regions BasicTransformerBlock --concurrency "$@"
-step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 # the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's timed convolution
 # algorithms, cuDNN's attention kernels and a compiled VAE decoder are worth having
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
