@@ -126,14 +126,9 @@ class CudaGraphs:
             log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
             return None
         shape = next(tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor))
+        what = f"a CUDA graph of {self.name} for {shape}"
         seconds, count = time.perf_counter() - start, len(self.graphs) + 1
-        log.info(
-            "captured a CUDA graph of %s for %s in %.1f s, compilation included (%d so far)",
-            self.name,
-            shape,
-            seconds,
-            count,
-        )
+        log.info("captured %s in %.1f s, compilation included (%d so far)", what, seconds, count)
         return captured
 
     def _capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]:
