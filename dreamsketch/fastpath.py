@@ -55,8 +55,7 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
         compile_regions(pipe.unet, backend)
     graphs = pipe.device.type == "cuda"
     if graphs:
-        for model in graphed_models(pipe):
-            model.forward = CudaGraphs(model.forward, type(model).__name__)
+        replay_as_graphs(pipe)
     log.info("fast path on: channels_last, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)
     return pipe
 
@@ -64,6 +63,12 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
 def graphed_models(pipe: Any) -> list[torch.nn.Module]:
     """The GRAPHED models that `pipe` has (SD 1.x/2.x: one text encoder, SDXL: two)."""
     return [model for model in (getattr(pipe, name, None) for name in GRAPHED) if model is not None]
+
+
+def replay_as_graphs(pipe: Any) -> None:
+    """From now on, each call of `pipe`'s GRAPHED models replays a CUDA graph of its input signature."""
+    for model in graphed_models(pipe):
+        model.forward = CudaGraphs(model.forward, type(model).__name__)
 
 
 def compile_regions(model: torch.nn.Module, backend: str) -> None:

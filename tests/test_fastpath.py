@@ -13,7 +13,14 @@ from torch.utils._pytree import tree_leaves, tree_unflatten
 
 import dreamsketch.fastpath
 from dreamsketch.engine import LocalEngine
-from dreamsketch.fastpath import REGIONS, CudaGraphs, apply_fast_path, graphed_models, signature
+from dreamsketch.fastpath import (
+    REGIONS,
+    CudaGraphs,
+    apply_fast_path,
+    graphed_models,
+    replay_as_graphs,
+    signature,
+)
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
 from dreamsketch.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
@@ -134,8 +141,7 @@ def test_graph_replays_give_the_plain_pictures(cpu_graphs, build):
     """The CUDA test below, with replays simulated on the CPU: the outputs of every graphed model (the UNet's,
     the text encoders' with their hidden states and pooled embeddings) reach the pipeline intact."""
     plain, fast = build(), build()
-    for model in graphed_models(fast):
-        model.forward = CudaGraphs(model.forward, type(model).__name__)
+    replay_as_graphs(fast)
     assert_replays_give_the_plain_pictures(plain, fast, tolerance=1e-6)
 
 
