@@ -238,15 +238,8 @@ class LocalEngine:
         if first.image is None:
             kwargs.update(width=first.width, height=first.height)
         else:
-            size = (first.width, first.height)
-            kwargs.update(
-                image=[
-                    job.request.image.resize(size, Image.Resampling.LANCZOS)  # type: ignore[union-attr]
-                    for job in jobs
-                    for _ in range(job.request.batch_size)
-                ],
-                strength=first.strength,
-            )
+            sources = [job.request.image for job in jobs for _ in range(job.request.batch_size)]
+            kwargs.update(image=sources, strength=first.strength)
         with torch.inference_mode():
             latents = pipe(**kwargs).images
             images = decode(pipe, latents, tiled=first.width * first.height > spec.native_area)

@@ -70,7 +70,7 @@ class RemoteEngine:
             )
         else:
             buffer = io.BytesIO()
-            request.image.resize((request.width, request.height)).save(buffer, format="PNG")
+            request.image.save(buffer, format="PNG")
             image = self.client.image_to_image(
                 buffer.getvalue(), request.prompt, strength=request.strength, seed=seed, **common
             )

@@ -68,7 +68,7 @@ class GenerationRequest:
     scheduler: str | None
     batch_size: int
     strength: float | None = None
-    image: Image.Image | None = None
+    image: Image.Image | None = None  # img2img: RGB, already at width x height
 
     @property
     def mode(self) -> Mode:
@@ -116,7 +116,7 @@ def parse_request(fields: Mapping[str, Any], registry: Registry, mode: Mode, def
     if mode == "img2img":
         if "image" not in given:
             raise RequestError("image", "required for img2img")
-        image = check_image(given["image"])
+        image = check_image(given["image"]).resize((width, height), Image.Resampling.LANCZOS)
         strength = _number(given, "strength", DEFAULT_STRENGTH, 0.0, 1.0)
         if strength == 0:
             raise RequestError("strength", "must be more than 0 and at most 1")

@@ -102,6 +102,21 @@ def test_batch_images_have_consecutive_seeds_and_match_single_runs(engine):
     assert np.abs(pixels(batch.images[1]) - pixels(single.images[0])).max() <= 2
 
 
+def test_img2img_pictures_are_diffusers_own_from_the_image_at_the_request_size(engine):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8))
+    fields = {"image": png(photo), "strength": 0.7, "batch_size": 2, "scheduler": "DDIM"}
+    batch = engine.generate(request(engine, "img2img", **fields))
+    plain = engine.cache.get("tiny-demo").img2img(
+        prompt="a red fox",
+        image=photo.resize((128, 128), Image.Resampling.LANCZOS),
+        strength=0.7,
+        num_inference_steps=3,
+        guidance_scale=batch.request.guidance_scale,
+        generator=torch.Generator().manual_seed(8),
+    )
+    assert np.abs(pixels(batch.images[1]) - pixels(plain.images[0])).max() <= 2
+
+
 def test_progress_reports_every_step_with_a_preview(engine):
     steps = []
     engine.generate(request(engine, steps=5), on_step=lambda s: steps.append((s.step, s.total, s.preview().size)))

@@ -100,7 +100,9 @@ def test_unknown_fields_and_non_mapping_bodies(registry):
 
 def test_img2img_image_and_strength(registry):
     request = parse(registry, "img2img", image=png_bytes(), strength=1)
-    assert request.mode == "img2img" and request.strength == 1.0 and request.image.size == (32, 32)
+    assert request.mode == "img2img" and request.strength == 1.0
+    assert request.image.size == (128, 128)  # the model's size: resized once, here, for every interface
+    assert parse(registry, "img2img", image=png_bytes(), width=64, height=96).image.size == (64, 96)
     assert parse(registry, "img2img", image=png_bytes(fmt="JPEG")).strength == 0.6
     assert parse(registry, "img2img", image=png_bytes(fmt="WEBP")).image.mode == "RGB"
     assert parse(registry, "img2img", image=Image.new("RGBA", (8, 8))).image.mode == "RGB"
