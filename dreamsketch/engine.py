@@ -17,7 +17,7 @@ from dreamsketch.config import Settings
 from dreamsketch.pipelines import LoadedModel, PipelineCache, free_memory
 from dreamsketch.registry import Registry
 from dreamsketch.request import GenerationRequest
-from dreamsketch.schedulers import scheduler_name, seed_own_noise
+from dreamsketch.schedulers import prepare_for_call, scheduler_name
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class LocalEngine:
         pipe.scheduler = model.fresh_scheduler(chosen)
         name = chosen or scheduler_name(model.default_scheduler)
         seeds = [seed for job in jobs for seed in job.request.image_seeds()]
-        seed_own_noise(pipe.scheduler, seeds)
+        prepare_for_call(pipe.scheduler, seeds)
         spans, start = [], 0
         for job in jobs:
             spans.append(slice(start, start + job.request.batch_size))

@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+import scipy.integrate
 import torch
 from PIL import Image
 
@@ -11,7 +12,7 @@ import dreamsketch.pipelines
 from dreamsketch.engine import GenerationCancelled, GenerationError, LocalEngine, latent_preview, to_pictures
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
-from dreamsketch.schedulers import SCHEDULERS
+from dreamsketch.schedulers import SCHEDULERS, make_scheduler
 
 
 @pytest.fixture
@@ -80,6 +81,24 @@ def test_sde_scheduler_pictures_follow_the_seed(engine):
     assert not np.array_equal(pixels(single[0].images[0]), pixels(single[1].images[0]))
     for image, alone in zip(batch.images, single[:2], strict=True):
         assert np.abs(pixels(image) - pixels(alone.images[0])).max() <= 2
+
+
+def test_lms_coefficients_are_integrated_once_and_give_diffusers_own_pictures(engine, monkeypatch):
+    integrations = []
+    quad = scipy.integrate.quad
+    monkeypatch.setattr(
+        scipy.integrate, "quad", lambda *args, **kwargs: integrations.append(1) or quad(*args, **kwargs)
+    )
+    engine.generate(request(engine, scheduler="LMS", steps=6, seed=1))
+    integrations.clear()
+    again = engine.generate(request(engine, scheduler="LMS", steps=6))
+    assert integrations == []
+    model = engine.cache.get("tiny-demo")
+    plain = model.txt2img.__class__(**model.txt2img.components)
+    plain.scheduler = make_scheduler("LMS", model.default_scheduler.config)
+    expected = plain("a red fox", num_inference_steps=6, generator=torch.Generator().manual_seed(7)).images[0]
+    assert len(integrations) == 18  # 1 + 2 + 3 + 4 + 4 + 4: diffusers integrates at every step
+    assert np.array_equal(pixels(expected), pixels(again.images[0]))
 
 
 def test_default_scheduler_is_the_models_own(engine):
