@@ -46,7 +46,8 @@ def prepare_for_call(scheduler: Any, seeds: list[int]) -> None:
     DPM++ SDE draws its noise from Brownian trees of its own rather than from the pipeline's generators, and
     without a seed of its own from torch's global generator (the same seed then gave another picture each time):
     one tree per image, seeded with that image's seed. LMS integrates its coefficients numerically at every step
-    (about 85 ms of host time for 30 steps, while the device waits): they are remembered across calls."""
+    (85 ms of host time for 30 steps on a CPU; on a GPU it adds up wherever the host is what the steps wait for,
+    as with eager kernels): they are remembered across calls."""
     if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
         scheduler.noise_sampler_seed = seeds
     if isinstance(scheduler, diffusers.LMSDiscreteScheduler):
