@@ -3,9 +3,9 @@
 # first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5; for SDXL
 # (plain diffusers and the fast path: SDXL's default engine was measured on 2026-11-26); SD 1.5 with only the
 # transformer blocks compiled, from an empty compile cache (the first call's cost against the step's speed); where
-# an SD 1.5 request's time goes (request_phases) and its experiments; the CUDA tests of the fast path; the fast
-# path's first call in a fresh process with the compile cache warm (SD 1.5, then SDXL). About 13 minutes on an
-# H100 (estimated from the 2026-11-26 run): one call of 600 s reaches request_phases.
+# an SD 1.5 request's time goes (request_phases) and its experiments; the same for SDXL with CUDA graphs; the CUDA
+# tests of the fast path; the fast path's first call in a fresh process with the compile cache warm (SD 1.5, then
+# SDXL). About 14 minutes on an H100 (estimated from the 2026-11-26 run): one call of 600 s reaches request_phases.
 # Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
@@ -47,6 +47,9 @@ step gpu_pipeline_sd15_transformer_blocks env XDG_CACHE_HOME="$(mktemp -d)" pyth
 # algorithms, cuDNN's attention kernels and a compiled VAE decoder are worth having
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
     --cudnn-benchmark --cudnn-attention --compile-vae "$@"
+# SDXL's request outside the UNet (0.27 s of 1.67 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
+# 1024x1024, two text encoders): where the 1.5x target has to find its time
+step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 "$@"
 if wanted cuda_tests; then
     echo "== cuda_tests $(date -u +%T)" | tee -a "$OUT/log.txt"
     python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt"
