@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_unflatten
 
 import dreamsketch.fastpath
@@ -101,9 +102,23 @@ class CpuReplay:
             static.copy_(fresh)
 
 
+class Capturable(TorchDispatchMode):
+    """Fails on what a CUDA graph capture refuses: reading a tensor's value on the host (`.item()`, `if tensor:`),
+    shapes that depend on values, and tensors made from Python data (a copy from the host on CUDA)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        by_mask = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        assert not (str(func).startswith(CAPTURE_BREAKERS) or by_mask), f"{func} cannot be captured in a CUDA graph"
+        return func(*args, **(kwargs or {}))
+
+
+CAPTURE_BREAKERS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh")
+
+
 @pytest.fixture
 def cpu_graphs(monkeypatch):
-    """CudaGraphs on the CPU: "capture" makes a CpuReplay, and CPU tensors may be captured."""
+    """CudaGraphs on the CPU: "capture" makes a CpuReplay, CPU tensors may be captured, and a capture fails as on
+    CUDA where the forward does what a CUDA graph cannot hold."""
     monkeypatch.setattr("torch.cuda.graph_pool_handle", lambda: None)
 
     def cpu_signature(leaves, spec):
@@ -111,11 +126,27 @@ def cpu_graphs(monkeypatch):
 
     def capture(self, leaves, spec):
         static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        replay = CpuReplay(self.forward, static, spec)
+        with Capturable():
+            replay = CpuReplay(self.forward, static, spec)
         return replay, [leaf for leaf in static if isinstance(leaf, torch.Tensor)], replay.output
 
     monkeypatch.setattr("dreamsketch.fastpath.signature", cpu_signature)
     monkeypatch.setattr(CudaGraphs, "_capture", capture)
+
+
+def test_the_simulated_capture_refuses_what_a_cuda_graph_cannot_hold(cpu_graphs):
+    def reads_a_value(x):
+        return x * float(x.sum())
+
+    def makes_a_tensor_from_python_data(x):
+        return x + torch.tensor([1.0, 2.0])
+
+    def picks_by_value(x):
+        return x[x > 0]
+
+    for forward in (reads_a_value, makes_a_tensor_from_python_data, picks_by_value):
+        with pytest.raises(AssertionError, match="cannot be captured in a CUDA graph"):
+            CudaGraphs(forward, "stand-in")(torch.ones(2))
 
 
 def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(cpu_graphs):
