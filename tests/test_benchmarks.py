@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from benchmarks import compile_regions, cpu_overhead, gpu_pipeline, request_phases
+from benchmarks import compile_regions, cpu_overhead, gpu_pipeline, request_phases, scheduler_steps
 from dreamsketch import fastpath
+from dreamsketch.schedulers import SCHEDULERS
 
 
 @pytest.mark.slow
@@ -118,3 +119,12 @@ def test_cpu_overhead_reports_every_path_and_part(capsys):
     }
     parts = ("inference_p50_ms", "png_encoding_p50_ms", "gallery_write_p50_ms", "gradio_queue_and_transport_p50_ms")
     assert set(report["parts"]) == set(parts)
+
+
+def test_scheduler_steps_small_form_times_every_scheduler(capsys):
+    assert scheduler_steps.main(["--steps", "3", "--side", "8", "--runs", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latents"] == [1, 4, 8, 8] and set(report["schedulers"]) == set(SCHEDULERS)
+    calls = {name: figures["step_calls"] for name, figures in report["schedulers"].items()}
+    assert calls["Euler a"] == 3 and calls["Heun"] == calls["DPM++ SDE Karras"] == 5  # two evaluations a step
+    assert all(figures["steps_ms"] > 0 for figures in report["schedulers"].values())
