@@ -33,7 +33,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import dreamsketch.engine
-from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, prepare, timed
+from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, log_partial, prepare, timed
 from dreamsketch.fastpath import CudaGraphs, compile_regions, graphed_models
 
 PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "to_pictures")
@@ -197,14 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(profile(call, args.profile), file=sys.stderr)
     report.update(measure(pipe, call, args.runs, cuda))
-    if args.cudnn_benchmark:
-        report["cudnn_benchmark"] = experiment(pipe, call, args.runs, cuda, lambda: use_cudnn_benchmark(pipe))
-    if args.cudnn_attention:
-        report["cudnn_attention"] = experiment(pipe, call, args.runs, cuda, lambda: prefer_cudnn_attention(pipe))
-    if args.compile_vae:
-        report["vae_compiled"] = experiment(
-            pipe, call, args.runs, cuda, lambda: compile_regions(pipe.vae.decoder, args.compile_backend)
-        )
+    log_partial(case, args.variant, report)  # each part also on stderr as it finishes: a run cut short keeps them
+    experiments = {
+        "cudnn_benchmark": (args.cudnn_benchmark, lambda: use_cudnn_benchmark(pipe)),
+        "cudnn_attention": (args.cudnn_attention, lambda: prefer_cudnn_attention(pipe)),
+        "vae_compiled": (args.compile_vae, lambda: compile_regions(pipe.vae.decoder, args.compile_backend)),
+    }
+    for name, (wanted, change) in experiments.items():
+        if wanted:
+            report[name] = experiment(pipe, call, args.runs, cuda, change)
+            log_partial(case, f"{args.variant} + {name}", report[name])
     print(json.dumps(report, indent=2))
     return 0
 

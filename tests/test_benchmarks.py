@@ -100,6 +100,14 @@ def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request
     assert all(report["phases_ms"][phase] > 0 for phase in request_phases.PHASES)
     assert report["rest_ms"] >= 0  # the phases do not overlap: they fit inside the request
     assert "Self CPU time total" in captured.err  # the profiler's table
+    parts = [json.loads(line) for line in captured.err.splitlines() if line.startswith('{"model"')]
+    assert [part["variant"] for part in parts] == [
+        "graphs",
+        "graphs + cudnn_benchmark",
+        "graphs + cudnn_attention",
+        "graphs + vae_compiled",
+    ]  # each part as it finishes, for a run cut short
+    assert parts[0]["phases_ms"] == report["phases_ms"]
     for experiment in ("cudnn_benchmark", "cudnn_attention"):  # no cuDNN on the CPU: the same computation
         assert report[experiment]["pixel_difference_max"] == 0
     compiled = report["vae_compiled"]  # fp32 on the CPU: the compiled VAE gives the eager VAE's picture
