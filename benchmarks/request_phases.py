@@ -33,7 +33,16 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import dreamsketch.engine
-from benchmarks.gpu_pipeline import build_pipeline, cases, engine_caller, engine_for, log_partial, prepare, timed
+from benchmarks.gpu_pipeline import (
+    build_pipeline,
+    cases,
+    engine_caller,
+    engine_for,
+    log_partial,
+    pixels,
+    prepare,
+    timed,
+)
 from dreamsketch.fastpath import CudaGraphs, compile_regions, graphed_models
 
 PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "to_pictures")
@@ -112,10 +121,10 @@ def measure(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool) -> dict[s
 def experiment(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool, change: Callable[[], None]) -> dict[str, Any]:
     """The same measurement after `change` (which stays made), its first call and how far its picture is from the
     picture before it (0..255)."""
-    before = np.asarray(call()[0], dtype=np.int16)
+    before = pixels(call()[0])
     change()
     first_s = timed(call, cuda)
-    after = np.asarray(call()[0], dtype=np.int16)
+    after = pixels(call()[0])
     return {
         "first_call_s": round(first_s, 3),
         "pixel_difference_max": int(np.abs(after - before).max()),
