@@ -148,10 +148,13 @@ def prefer_cudnn_attention(pipe: Any) -> None:
 
 
 def capture_again(pipe: Any) -> None:
-    """Drop the CUDA graphs captured so far: the next call of each shape captures what runs now."""
+    """Drop the CUDA graphs captured so far: the next call of each shape captures what runs now, in a memory pool
+    of its own (capturing into the pool of dropped graphs failed an internal assertion of torch 2.11's caching
+    allocator on the H100, and the text encoders then ran eagerly)."""
     for model in graphed_models(pipe):
         if isinstance(model.forward, CudaGraphs):
             model.forward.graphs.clear()
+            model.forward.pool = torch.cuda.graph_pool_handle()
 
 
 def profile(call: Callable[[], Any], rows: int) -> str:
