@@ -4,9 +4,9 @@
 # fills the compile cache); where a compiled SD 1.5 request's time goes (request_phases) and its experiments, the
 # levers for SD 1.5's target; gpu_pipeline for SDXL (plain diffusers and the fast path: SDXL's default engine was
 # measured on 2026-11-26); SD 1.5 with only the transformer blocks compiled, from an empty compile cache (the first
-# call's cost against the step's speed); request_phases for SDXL with CUDA graphs; the CUDA tests of the fast path;
-# the fast path's first call in a fresh process with the compile cache warm (SD 1.5, then SDXL). About 14 minutes
-# on an H100 (estimated from the 2026-11-26 run): one call of 600 s reaches the SDXL step.
+# call's cost against the step's speed); request_phases for SDXL with CUDA graphs; the CUDA tests (fast path, step pacing, noise copy);
+# the fast path's first call in a fresh process with the compile cache warm (SD 1.5, then SDXL). About 11 minutes
+# on an H100 (2026-11-26, the eighth session): one call of 600 s reaches the CUDA tests.
 # Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
@@ -39,10 +39,10 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
 # for the default on CUDA, but slower with 8 requests at once, not yet explained)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
-# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's timed convolution
-# algorithms, cuDNN's attention kernels and a compiled VAE decoder are worth having
+# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's attention kernels
+# and a compiled VAE decoder are worth having (cuDNN's timed convolution algorithms gained nothing on 2026-11-26)
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --cudnn-benchmark --cudnn-attention --compile-vae "$@"
+    --cudnn-attention --compile-vae "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants dreamsketch_compile "$@"
 # resnet blocks are 13 of SD 1.5's 16 compiled graphs and 130 of their 196 kernels (inductor on the CPU): without
 # them the first call should take about a third of the time; at what cost per step?
@@ -53,7 +53,7 @@ step gpu_pipeline_sd15_transformer_blocks env XDG_CACHE_HOME="$(mktemp -d)" pyth
 step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 "$@"
 if wanted cuda_tests; then
     echo "== cuda_tests $(date -u +%T)" | tee -a "$OUT/log.txt"
-    python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_engine.py -k cuda 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt"
 fi
 step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"

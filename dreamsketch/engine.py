@@ -66,6 +66,27 @@ class Step:
 StepCallback = Callable[[Step], None]
 
 
+class OneStepAhead:
+    """Keeps the host one denoising step ahead of a CUDA device, no further: the device computes a step while the
+    host queues the next, and progress and cancellation follow the device to within a step. Unpaced, the host
+    would queue every step at once wherever nothing makes it wait for the device, report them all done, and
+    a cancel would come too late to stop any of them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.queued: torch.cuda.Event | None = None
+
+    def step_queued(self) -> None:
+        """After a step is queued: wait until the step before it has finished on the device."""
+        if not self.cuda:
+            return
+        event = torch.cuda.Event()
+        event.record()
+        if self.queued is not None:
+            self.queued.synchronize()
+        self.queued = event
+
+
 @dataclass
 class Generation:
     request: GenerationRequest  # with the seed actually used
@@ -207,7 +228,10 @@ class LocalEngine:
             spans.append(slice(start, start + job.request.batch_size))
             start += job.request.batch_size
 
+        pace = OneStepAhead(pipe.device)
+
         def callback(pipeline, step_index, timestep, tensors):  # type: ignore[no-untyped-def]
+            pace.step_queued()
             for job, span in zip(jobs, spans, strict=True):
                 if job.done.is_set():
                     continue

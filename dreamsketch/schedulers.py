@@ -8,6 +8,8 @@ from typing import Any
 
 import diffusers
 import torch
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from diffusers.utils.torch_utils import randn_tensor
 
 # A1111 name -> (diffusers class name, extra config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -47,11 +49,14 @@ def prepare_for_call(scheduler: Any, seeds: list[int]) -> None:
     without a seed of its own from torch's global generator (the same seed then gave another picture each time):
     one tree per image, seeded with that image's seed. LMS integrates its coefficients numerically at every step
     (85 ms of host time for 30 steps on a CPU; on a GPU it adds up wherever the host is what the steps wait for,
-    as with eager kernels): they are remembered across calls."""
+    as with eager kernels): they are remembered across calls. Euler a copies each step's noise to a CUDA device
+    without waiting for it (noise_copied_without_waiting)."""
     if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
         scheduler.noise_sampler_seed = seeds
     if isinstance(scheduler, diffusers.LMSDiscreteScheduler):
         scheduler.get_lms_coefficient = functools.partial(_remembered_lms_coefficient, scheduler)
+    if isinstance(scheduler, diffusers.EulerAncestralDiscreteScheduler):
+        scheduler.step = _step_without_waiting(scheduler.step)
 
 
 def _remembered_lms_coefficient(scheduler: Any, order: int, t: int, current_order: int) -> float:
@@ -64,3 +69,32 @@ def _lms_coefficient(order: int, current_order: int, window: tuple[float, ...], 
     """diffusers' own computation, on a stand-in that holds the window's sigmas (same values, same dtype)."""
     stand_in = SimpleNamespace(sigmas=torch.tensor(window, dtype=dtype))
     return diffusers.LMSDiscreteScheduler.get_lms_coefficient(stand_in, order, order - 1, current_order)
+
+
+def _step_without_waiting(step: Any) -> Any:
+    """Euler a's `step`, drawing its noise with noise_copied_without_waiting (diffusers' pipelines read the
+    step's signature, which the wrapper keeps)."""
+
+    @functools.wraps(step)
+    def step_without_waiting(*args: Any, **kwargs: Any) -> Any:
+        scheduling_euler_ancestral_discrete.randn_tensor = noise_copied_without_waiting
+        try:
+            return step(*args, **kwargs)
+        finally:
+            scheduling_euler_ancestral_discrete.randn_tensor = randn_tensor
+
+    return step_without_waiting
+
+
+def noise_copied_without_waiting(
+    shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+) -> torch.Tensor:
+    """diffusers' randn_tensor: the same numbers, but noise drawn by CPU generators for a CUDA device is copied
+    there without the host waiting for the device to finish what it has queued. Euler a draws noise at every
+    step, and diffusers' blocking copy made the host wait for each step's UNet call, so the device then sat idle
+    while the host queued the next step (the engine keeps the host one step ahead instead)."""
+    first = generator[0] if isinstance(generator, list) else generator
+    if first is None or first.device.type != "cpu" or torch.device(device or "cpu").type != "cuda":
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+    noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype, layout=layout)
+    return noise.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned copy until the copy is done

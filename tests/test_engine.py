@@ -9,10 +9,20 @@ import torch
 from PIL import Image
 
 import dreamsketch.pipelines
-from dreamsketch.engine import GenerationCancelled, GenerationError, LocalEngine, latent_preview, to_pictures
+import dreamsketch.schedulers
+from dreamsketch.engine import (
+    GenerationCancelled,
+    GenerationError,
+    LocalEngine,
+    OneStepAhead,
+    latent_preview,
+    to_pictures,
+)
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
-from dreamsketch.schedulers import SCHEDULERS, make_scheduler
+from dreamsketch.schedulers import SCHEDULERS, make_scheduler, noise_copied_without_waiting
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture
@@ -99,6 +109,95 @@ def test_lms_coefficients_are_integrated_once_and_give_diffusers_own_pictures(en
     expected = plain("a red fox", num_inference_steps=6, generator=torch.Generator().manual_seed(7)).images[0]
     assert len(integrations) == 18  # 1 + 2 + 3 + 4 + 4 + 4: diffusers integrates at every step
     assert np.array_equal(pixels(expected), pixels(again.images[0]))
+
+
+def test_euler_a_draws_each_steps_noise_through_the_copy_without_waiting_and_gives_diffusers_own_pictures(
+    engine, monkeypatch
+):
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete
+    from diffusers.utils.torch_utils import randn_tensor
+
+    drawn = []
+
+    def counted(*args, **kwargs):
+        drawn.append(kwargs["generator"])
+        return noise_copied_without_waiting(*args, **kwargs)
+
+    monkeypatch.setattr(dreamsketch.schedulers, "noise_copied_without_waiting", counted)
+    generation = engine.generate(request(engine, scheduler="Euler a", steps=4))
+    assert len(drawn) == 4 and all(generator is not None for generator in drawn)
+    assert scheduling_euler_ancestral_discrete.randn_tensor is randn_tensor  # plain diffusers stays plain
+    model = engine.cache.get("tiny-demo")
+    plain = model.txt2img.__class__(**model.txt2img.components)
+    plain.scheduler = make_scheduler("Euler a", model.default_scheduler.config)
+    expected = plain("a red fox", num_inference_steps=4, generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.array_equal(pixels(expected), pixels(generation.images[0]))
+
+
+def test_the_host_waits_for_the_step_before_the_one_it_queued(monkeypatch):
+    log = []
+
+    class RecordedEvent:
+        def __init__(self):
+            self.number = 1 + sum(what == "record" for what, _ in log)
+
+        def record(self):
+            log.append(("record", self.number))
+
+        def synchronize(self):
+            log.append(("wait", self.number))
+
+    monkeypatch.setattr(torch.cuda, "Event", RecordedEvent)
+    pace = OneStepAhead(torch.device("cuda"))
+    for _ in range(3):
+        pace.step_queued()
+    assert log == [("record", 1), ("record", 2), ("wait", 1), ("record", 3), ("wait", 2)]
+    OneStepAhead(torch.device("cpu")).step_queued()
+    assert len(log) == 5  # nothing to wait for on the CPU
+
+
+@cuda
+def test_cuda_steps_are_reported_when_the_device_has_done_the_step_before(settings):
+    engine = LocalEngine(dataclasses.replace(settings, device="cuda"), load_registry(settings.models_file))
+    unet = engine.cache.get("tiny-demo").txt2img.unet
+    forward, finished = unet.forward, []
+
+    def slow_forward(*args, **kwargs):
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds: far longer than the host needs to queue a step
+        output = forward(*args, **kwargs)
+        finished.append(torch.cuda.Event())
+        finished[-1].record()
+        return output
+
+    unet.forward = slow_forward
+    done_before = []
+    engine.generate(
+        request(engine, scheduler="DDIM", steps=5),
+        on_step=lambda step: done_before.append([event.query() for event in finished[: step.step - 1]]),
+    )
+    assert [len(done) for done in done_before] == [0, 1, 2, 3, 4]
+    assert all(all(done) for done in done_before)
+
+
+@cuda
+def test_cuda_noise_is_diffusers_own_and_copied_while_the_device_is_busy():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    def generators():
+        return [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+
+    def noise():
+        return noise_copied_without_waiting(
+            (2, 4, 64, 64), generator=generators(), device=torch.device("cuda"), dtype=torch.float16
+        )
+
+    noise()  # the first call sets up CUDA and torch's pinned memory cache
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the device is busy for a tenth of a second or more
+    copied = noise()
+    assert not torch.cuda.current_stream().query()  # the host did not wait for the device
+    expected = randn_tensor((2, 4, 64, 64), generator=generators(), device=torch.device("cpu"), dtype=torch.float16)
+    assert copied.device.type == "cuda" and torch.equal(copied.cpu(), expected)
 
 
 def test_default_scheduler_is_the_models_own(engine):
