@@ -157,15 +157,18 @@ def capture_again(pipe: Any) -> None:
             model.forward.pool = torch.cuda.graph_pool_handle()
 
 
-def profile(call: Callable[[], Any], rows: int) -> str:
-    """torch.profiler's table of one request's operators, by time on the device (CPU time without a GPU)."""
+def profile(call: Callable[[], Any], rows: int) -> tuple[str, float]:
+    """torch.profiler's table of one request's operators, by time on the device (CPU time without a GPU), and the
+    milliseconds the device was busy with kernels and copies (0 without a GPU)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         call()
+    averages = profiler.key_averages()
     key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    return profiler.key_averages().table(sort_by=key, row_limit=rows)
+    busy_ms = sum(event.self_device_time_total for event in averages) / 1000
+    return averages.table(sort_by=key, row_limit=rows), busy_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         "variant": args.variant,
         "first_call_s": round(timed(call, cuda), 3),  # compiles and captures; not in the figures below
     }
+    busy_ms = None
     if args.profile:
-        print(profile(call, args.profile), file=sys.stderr)
+        table, busy_ms = profile(call, args.profile)
+        print(table, file=sys.stderr)
     report.update(measure(pipe, call, args.runs, cuda))
+    if busy_ms is not None:  # the rest of request_ms is the device waiting for the host
+        report["device_busy_ms"] = round(busy_ms, 2)
     log_partial(case, args.variant, report)  # each part also on stderr as it finishes: a run cut short keeps them
     experiments = {
         "cudnn_benchmark": (args.cudnn_benchmark, lambda: use_cudnn_benchmark(pipe)),

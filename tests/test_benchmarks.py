@@ -100,6 +100,7 @@ def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request
     assert all(report["phases_ms"][phase] > 0 for phase in request_phases.PHASES)
     assert report["rest_ms"] >= 0  # the phases do not overlap: they fit inside the request
     assert "Self CPU time total" in captured.err  # the profiler's table
+    assert report["device_busy_ms"] == 0  # kernels and copies on a device: none on the CPU
     parts = [json.loads(line) for line in captured.err.splitlines() if line.startswith('{"model"')]
     assert [part["variant"] for part in parts] == [
         "graphs",
