@@ -42,13 +42,15 @@ if wanted cuda_tests; then
     python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_engine.py -k cuda 2>&1 | tail -30 \
         | tee "$OUT/cuda_tests.txt"
 fi
-# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's attention kernels
-# and a compiled VAE decoder are worth having (cuDNN's timed convolution algorithms gained nothing on 2026-11-26)
+# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's attention kernels,
+# a VAE out of channels_last and a compiled VAE decoder are worth having (cuDNN's timed convolution algorithms
+# gained nothing on 2026-11-26)
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --cudnn-attention --compile-vae "$@"
+    --cudnn-attention --contiguous-vae --compile-vae "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants dreamsketch_compile "$@"
 # SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
-# 1024x1024 0.2 s of it)
-step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 "$@"
+# 1024x1024 0.2 s of it, 86 ms of that copies between memory formats), then the VAE out of channels_last
+step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 \
+    --contiguous-vae "$@"
 step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"

@@ -84,8 +84,8 @@ def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # experiments change both for the process
     order = torch._C._get_sdp_priority_order()
     request.addfinalizer(lambda: torch._C._set_sdp_priority_order(order))
-    argv = ["--small", "--runs", "2", "--profile", "5", "--cudnn-benchmark", "--cudnn-attention", "--compile-vae"]
-    argv += ["--compile-backend", "aot_eager"]
+    argv = ["--small", "--runs", "2", "--profile", "5", "--cudnn-benchmark", "--cudnn-attention", "--contiguous-vae"]
+    argv += ["--compile-vae", "--compile-backend", "aot_eager"]
     assert request_phases.main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -106,11 +106,13 @@ def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request
         "graphs",
         "graphs + cudnn_benchmark",
         "graphs + cudnn_attention",
+        "graphs + vae_contiguous",
         "graphs + vae_compiled",
     ]  # each part as it finishes, for a run cut short
     assert parts[0]["phases_ms"] == report["phases_ms"]
     for experiment in ("cudnn_benchmark", "cudnn_attention"):  # no cuDNN on the CPU: the same computation
         assert report[experiment]["pixel_difference_max"] == 0
+    assert report["vae_contiguous"]["pixel_difference_max"] <= 1  # other convolution kernels, same arithmetic
     compiled = report["vae_compiled"]  # fp32 on the CPU: the compiled VAE gives the eager VAE's picture
     assert compiled["pixel_difference_max"] <= 1 and compiled["phase_calls"] == report["phase_calls"]
 
