@@ -52,5 +52,7 @@ step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants
 # 1024x1024 0.2 s of it, 86 ms of that copies between memory formats), then the VAE out of channels_last
 step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 \
     --contiguous-vae "$@"
-step first_call_warm_sd15 python3 -m benchmarks.gpu_pipeline --only sd15 --first-call "$@"
+# with torch's compile log: what the warm restart spends its 16.6 s (2026-11-26) on, against the 15 s target
+step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
+    --first-call "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"
