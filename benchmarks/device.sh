@@ -47,6 +47,10 @@ fi
 # gained nothing on 2026-11-26)
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
     --cudnn-attention --contiguous-vae --compile-vae "$@"
+# SD 1.5's own scheduler, PNDM, reads each step's timestep on the host (a wait for the GPU at every step, as Euler
+# a's noise copy was): how long the GPU idles in its request (device_busy_ms against request_ms)
+step request_phases_sd15_pndm python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 5 \
+    --scheduler PNDM "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants dreamsketch_compile "$@"
 # SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
 # 1024x1024 0.2 s of it, 86 ms of that copies between memory formats), then the VAE out of channels_last

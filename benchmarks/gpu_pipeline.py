@@ -309,8 +309,8 @@ def engine_for(case: Case, pipe: Any, fast_path: str | None, device: torch.devic
     return engine
 
 
-def engine_caller(engine: LocalEngine, case: Case) -> Callable[[int], Any]:
-    fields = {"prompt": "a photo of a fox", "steps": case.steps, "guidance_scale": 7.5, "scheduler": "Euler a"}
+def engine_caller(engine: LocalEngine, case: Case, scheduler: str = "Euler a") -> Callable[[int], Any]:
+    fields = {"prompt": "a photo of a fox", "steps": case.steps, "guidance_scale": 7.5, "scheduler": scheduler}
 
     def engine_call(seed: int = 0) -> Any:
         request = parse_request({**fields, "seed": seed}, engine.cache.registry, "txt2img", case.model_id)

@@ -4,7 +4,8 @@ setup, initial noise, the engine's own work).
 
 Each phase is timed with the device synchronised before and after it, so the phases add up to the synchronised
 request time; the request time without those synchronisations is reported beside it. Full-size SD 1.5 at 512x512
-(or SDXL at 1024x1024) with random weights, 30 steps, CFG 7.5, Euler a, as in gpu_pipeline. Prints one JSON document.
+(or SDXL at 1024x1024) with random weights, 30 steps, CFG 7.5, Euler a (`--scheduler` another), as in gpu_pipeline.
+Prints one JSON document.
 
     python -m benchmarks.request_phases                   # on a CUDA GPU, the fast path without torch.compile
     python -m benchmarks.request_phases --variant compile # the whole fast path (compiles first: minutes)
@@ -44,6 +45,7 @@ from benchmarks.gpu_pipeline import (
     timed,
 )
 from dreamsketch.fastpath import CudaGraphs, compile_regions, graphed_models
+from dreamsketch.schedulers import SCHEDULERS
 
 PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "to_pictures")
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--variant", choices=["default", "graphs", "compile"], default="graphs")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="Euler a")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="also print torch.profiler's table")
     parser.add_argument(
@@ -212,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     case = next(case for case in cases(args.small) if case.family == args.only)
     pipe = build_pipeline(case, device, dtype)
     variant = None if args.variant == "default" else args.variant
-    call = engine_caller(engine_for(case, pipe, variant, device, args.compile_backend), case)
+    call = engine_caller(engine_for(case, pipe, variant, device, args.compile_backend), case, args.scheduler)
     report = {
         "benchmark": "request_phases",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": {"torch": torch.__version__},
         "model": case.name,
         "variant": args.variant,
+        "scheduler": args.scheduler,
         "first_call_s": round(timed(call, cuda), 3),  # compiles and captures; not in the figures below
     }
     busy_ms = None
