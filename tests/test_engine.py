@@ -45,6 +45,14 @@ def png(image):
     return buffer.getvalue()
 
 
+def plain_diffusers_picture(engine, scheduler, steps):
+    """tiny-demo's picture of the engine's default request (seed 7) from plain diffusers, with its own scheduler."""
+    model = engine.cache.get("tiny-demo")
+    plain = model.txt2img.__class__(**model.txt2img.components)
+    plain.scheduler = make_scheduler(scheduler, model.default_scheduler.config)
+    return plain("a red fox", num_inference_steps=steps, generator=torch.Generator().manual_seed(7)).images[0]
+
+
 def test_same_seed_same_image_other_seed_other_image(engine):
     first = engine.generate(request(engine))
     again = engine.generate(request(engine))
@@ -77,9 +85,7 @@ def test_schedulers_are_built_once_per_model_and_copied_fresh_for_each_request(e
     assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
     model = engine.cache.get("tiny-demo")
     assert model.txt2img.scheduler is not model.scheduler_prototypes["DPM++ 2M"]
-    plain = model.txt2img.__class__(**model.txt2img.components)
-    plain.scheduler = original("DPM++ 2M", model.default_scheduler.config)
-    expected = plain("a red fox", num_inference_steps=3, generator=torch.Generator().manual_seed(7)).images[0]
+    expected = plain_diffusers_picture(engine, "DPM++ 2M", steps=3)
     assert np.abs(pixels(expected) - pixels(first.images[0])).max() <= 1
 
 
@@ -103,10 +109,7 @@ def test_lms_coefficients_are_integrated_once_and_give_diffusers_own_pictures(en
     integrations.clear()
     again = engine.generate(request(engine, scheduler="LMS", steps=6))
     assert integrations == []
-    model = engine.cache.get("tiny-demo")
-    plain = model.txt2img.__class__(**model.txt2img.components)
-    plain.scheduler = make_scheduler("LMS", model.default_scheduler.config)
-    expected = plain("a red fox", num_inference_steps=6, generator=torch.Generator().manual_seed(7)).images[0]
+    expected = plain_diffusers_picture(engine, "LMS", steps=6)
     assert len(integrations) == 18  # 1 + 2 + 3 + 4 + 4 + 4: diffusers integrates at every step
     assert np.array_equal(pixels(expected), pixels(again.images[0]))
 
@@ -127,10 +130,7 @@ def test_euler_a_draws_each_steps_noise_through_the_copy_without_waiting_and_giv
     generation = engine.generate(request(engine, scheduler="Euler a", steps=4))
     assert len(drawn) == 4 and all(generator is not None for generator in drawn)
     assert scheduling_euler_ancestral_discrete.randn_tensor is randn_tensor  # plain diffusers stays plain
-    model = engine.cache.get("tiny-demo")
-    plain = model.txt2img.__class__(**model.txt2img.components)
-    plain.scheduler = make_scheduler("Euler a", model.default_scheduler.config)
-    expected = plain("a red fox", num_inference_steps=4, generator=torch.Generator().manual_seed(7)).images[0]
+    expected = plain_diffusers_picture(engine, "Euler a", steps=4)
     assert np.array_equal(pixels(expected), pixels(generation.images[0]))
 
 
