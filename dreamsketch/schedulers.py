@@ -50,13 +50,43 @@ def prepare_for_call(scheduler: Any, seeds: list[int]) -> None:
     one tree per image, seeded with that image's seed. LMS integrates its coefficients numerically at every step
     (85 ms of host time for 30 steps on a CPU; on a GPU it adds up wherever the host is what the steps wait for,
     as with eager kernels): they are remembered across calls. Euler a copies each step's noise to a CUDA device
-    without waiting for it (noise_copied_without_waiting)."""
+    without waiting for it (noise_copied_without_waiting); PNDM and DDIM read each step's timestep from a host
+    copy of the schedule (_timesteps_read_on_the_host)."""
     if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
         scheduler.noise_sampler_seed = seeds
     if isinstance(scheduler, diffusers.LMSDiscreteScheduler):
         scheduler.get_lms_coefficient = functools.partial(_remembered_lms_coefficient, scheduler)
     if isinstance(scheduler, diffusers.EulerAncestralDiscreteScheduler):
         scheduler.step = _step_without_waiting(scheduler.step)
+    if isinstance(scheduler, (diffusers.PNDMScheduler, diffusers.DDIMScheduler)):
+        _timesteps_read_on_the_host(scheduler)
+
+
+def _timesteps_read_on_the_host(scheduler: Any) -> None:
+    """PNDM and DDIM index their noise schedule with each step's timestep on the host, and diffusers' pipelines
+    hand them that timestep as an element of the schedule on the pipeline's device: on a CUDA device every step
+    then waited for the device to finish all it had queued before reading it. Their steps get the same timestep
+    as a number instead, from a host copy made once when the schedule is set (the pipelines' timesteps are views
+    of that schedule, txt2img's and img2img's alike, so a view's address says which one it is)."""
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+    numbers: dict[int, int] = {}  # address of an element of the schedule on the device -> its value
+
+    @functools.wraps(set_timesteps)
+    def set_timesteps_with_host_copy(*args: Any, **kwargs: Any) -> None:
+        set_timesteps(*args, **kwargs)
+        schedule = scheduler.timesteps  # held by the scheduler, so no other tensor can take these addresses
+        numbers.clear()
+        numbers.update(
+            (element.data_ptr(), number) for element, number in zip(schedule, schedule.tolist(), strict=True)
+        )
+
+    @functools.wraps(step)
+    def step_with_host_timestep(model_output: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 0:
+            timestep = numbers.get(timestep.data_ptr(), timestep)
+        return step(model_output, timestep, *args, **kwargs)
+
+    scheduler.set_timesteps, scheduler.step = set_timesteps_with_host_copy, step_with_host_timestep
 
 
 def _remembered_lms_coefficient(scheduler: Any, order: int, t: int, current_order: int) -> float:

@@ -2,6 +2,7 @@ import dataclasses
 import io
 import threading
 
+import diffusers
 import numpy as np
 import pytest
 import scipy.integrate
@@ -134,6 +135,27 @@ def test_euler_a_draws_each_steps_noise_through_the_copy_without_waiting_and_giv
     assert np.array_equal(pixels(expected), pixels(generation.images[0]))
 
 
+@pytest.mark.parametrize("name", ["PNDM", "DDIM"])
+def test_pndm_and_ddim_steps_get_their_timestep_as_a_number_and_give_diffusers_own_pictures(engine, monkeypatch, name):
+    """Their steps index the noise schedule with the timestep on the host: a device tensor made each step wait."""
+    scheduler_class = getattr(diffusers, SCHEDULERS[name][0])
+    step, timesteps = scheduler_class.step, []
+
+    def recorded_step(self, model_output, timestep, *args, **kwargs):
+        timesteps.append(timestep)
+        return step(self, model_output, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler_class, "step", recorded_step)
+    expected = plain_diffusers_picture(engine, name, steps=4)
+    timesteps.clear()
+    generation = engine.generate(request(engine, scheduler=name, steps=4))
+    assert np.array_equal(pixels(expected), pixels(generation.images[0]))
+    source = png(Image.new("RGB", (128, 128), (200, 40, 40)))
+    engine.generate(request(engine, "img2img", image=source, strength=0.5, scheduler=name, steps=4))
+    assert len(timesteps) == {"PNDM": 5 + 3, "DDIM": 4 + 2}[name]  # PNDM takes one step more than asked
+    assert all(type(t) is int for t in timesteps)
+
+
 def test_the_host_waits_for_the_step_before_the_one_it_queued(monkeypatch):
     log = []
 
@@ -177,6 +199,22 @@ def test_cuda_steps_are_reported_when_the_device_has_done_the_step_before(settin
     )
     assert [len(done) for done in done_before] == [0, 1, 2, 3, 4]
     assert all(all(done) for done in done_before)
+
+
+@cuda
+@pytest.mark.parametrize("name", [name for name in SCHEDULERS if name not in ("UniPC", "DPM++ SDE Karras")])
+def test_cuda_steps_after_the_first_never_make_the_host_wait_for_the_device(settings, name):
+    """Only the engine's pacing may wait for the device. UniPC copies sigmas to the device and solves for its
+    coefficients there at every step, and DPM++ SDE's Brownian trees are torchsde's: both still wait (not fixed)."""
+    engine = LocalEngine(dataclasses.replace(settings, device="cuda"), load_registry(settings.models_file))
+
+    def watch(step):  # after the last step the engine reads the pictures back, which is meant to wait
+        torch.cuda.set_sync_debug_mode("error" if step.step < step.total else "default")
+
+    try:
+        engine.generate(request(engine, scheduler=name, steps=4), on_step=watch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda
