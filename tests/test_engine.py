@@ -202,10 +202,10 @@ def test_cuda_steps_are_reported_when_the_device_has_done_the_step_before(settin
 
 
 @cuda
-@pytest.mark.parametrize("name", [name for name in SCHEDULERS if name not in ("UniPC", "DPM++ SDE Karras")])
+@pytest.mark.parametrize("name", [name for name in SCHEDULERS if name != "UniPC"])
 def test_cuda_steps_after_the_first_never_make_the_host_wait_for_the_device(settings, name):
     """Only the engine's pacing may wait for the device. UniPC copies sigmas to the device and solves for its
-    coefficients there at every step, and DPM++ SDE's Brownian trees are torchsde's: both still wait (not fixed)."""
+    coefficients there at every step: it still waits (not fixed)."""
     engine = LocalEngine(dataclasses.replace(settings, device="cuda"), load_registry(settings.models_file))
 
     def watch(step):  # after the last step the engine reads the pictures back, which is meant to wait
