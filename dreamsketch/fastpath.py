@@ -78,21 +78,24 @@ def compile_regions(model: torch.nn.Module, backend: str) -> None:
     for module in model.modules():
         if type(module).__name__ in REGIONS:
             module.compile(backend=backend, fullgraph=True, dynamic=True, options=options)
-    model.forward = with_recompile_limit(model.forward)
+    model.forward = with_dynamo_settings(model.forward)
 
 
-def with_recompile_limit(forward: Callable[..., Any]) -> Callable[..., Any]:
+def with_dynamo_settings(forward: Callable[..., Any]) -> Callable[..., Any]:
     """torch keeps dynamo's settings per thread (2.13), and a server compiles in whichever thread brings a new
-    shape: each call raises the limit on compilations per function (all resnets share one) in its own thread."""
+    shape: each call sets them in its own thread. The limit on compilations per function (all resnets share one)
+    goes up to RECOMPILE_LIMIT. Floats are constants: the blocks' only floats are their eps, dropout and scale
+    factors, and with them symbolic dynamo's first analysis of each block class failed and started again (about
+    5 s of the cold first call's 99 s on an H100, by its compile log)."""
     import torch._dynamo
 
     @functools.wraps(forward)
-    def limited(*args: Any, **kwargs: Any) -> Any:
+    def with_settings(*args: Any, **kwargs: Any) -> Any:
         limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
-        with torch._dynamo.config.patch(cache_size_limit=limit):
+        with torch._dynamo.config.patch(cache_size_limit=limit, specialize_float=True):
             return forward(*args, **kwargs)
 
-    return limited
+    return with_settings
 
 
 class CudaGraphs:

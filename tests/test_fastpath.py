@@ -9,6 +9,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_unflatten
 
@@ -18,6 +20,7 @@ from dreamsketch.fastpath import (
     REGIONS,
     CudaGraphs,
     apply_fast_path,
+    compile_regions,
     graphed_models,
     replay_as_graphs,
     signature,
@@ -40,6 +43,21 @@ def test_fast_path_output_equals_the_plain_path():
         a = plain(**kwargs, generator=torch.Generator().manual_seed(seed)).images
         b = fast(**kwargs, generator=torch.Generator().manual_seed(seed)).images
         assert np.abs(a - b).max() < 1e-4
+
+
+def test_each_block_configuration_is_analysed_once():
+    """With the blocks' floats symbolic, dynamo's first analysis of each block class failed and started again."""
+    aot_eager, analysed = lookup_backend("aot_eager"), []
+
+    def counted(graph, example_inputs):
+        analysed.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    pipe = build_tiny_pipeline()
+    compile_regions(pipe.unet, backend=counted)
+    counters.clear()
+    pipe(prompt="a red fox", num_inference_steps=1, height=128, width=128, output_type="latent")
+    assert len(analysed) == counters["stats"]["unique_graphs"] > 0
 
 
 def test_fast_path_compiles_new_shapes_in_any_thread():
