@@ -4,7 +4,7 @@
 # fills the compile cache); the CUDA tests (fast path, step pacing, noise copy); where a compiled SD 1.5 request's
 # time goes (request_phases) and its experiments; gpu_pipeline for SDXL (plain diffusers and the fast path);
 # request_phases for SDXL with CUDA graphs; the fast path's first call in a fresh process with the compile cache
-# warm (SD 1.5, then SDXL). About 11 minutes on an H100 (estimated from the 2026-11-26 runs).
+# warm (SD 1.5, then SDXL). About 10 minutes on an H100 (estimated from the 2026-11-26 runs).
 # Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
@@ -32,9 +32,10 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
     cat "$OUT/$1.json"
 }
 
-# torch's compile steps with their times (tracing, inductor), to split the first call's compilation up; the
-# default engine and CUDA graphs alone too (both changed after 2026-11-26: the host now stays one step ahead of the
-# GPU and Euler a's noise copy no longer waits for it)
+# torch's compile steps with their times (tracing, inductor), to split the first call's compilation up (each block
+# class was analysed twice before floats became constants: about 5 s of the 99 s on 2026-11-26); the default
+# engine and CUDA graphs alone too (changed since the second GPU run: the host stays one step ahead of the GPU, and
+# no step of Euler a, PNDM or DDIM waits for the GPU any more)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
 if wanted cuda_tests; then
@@ -42,13 +43,13 @@ if wanted cuda_tests; then
     python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_engine.py -k cuda 2>&1 | tail -30 \
         | tee "$OUT/cuda_tests.txt"
 fi
-# the compile cache is warm now: where the compiled request's time goes; then whether cuDNN's attention kernels,
-# a VAE out of channels_last and a compiled VAE decoder are worth having (cuDNN's timed convolution algorithms
-# gained nothing on 2026-11-26)
+# the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
+# GPU's idle time, 36 ms on 2026-11-26), then whether a VAE out of channels_last is faster (cuDNN's timed
+# convolution algorithms, cuDNN's attention and a compiled VAE decoder were measured on 2026-11-26: see RESULTS.md)
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --cudnn-attention --contiguous-vae --compile-vae "$@"
-# SD 1.5's own scheduler, PNDM, reads each step's timestep on the host (a wait for the GPU at every step, as Euler
-# a's noise copy was): how long the GPU idles in its request (device_busy_ms against request_ms)
+    --contiguous-vae "$@"
+# SD 1.5's own scheduler, PNDM, read each step's timestep back from the GPU until its steps got it from a host
+# copy of the schedule: the GPU's idle time in its request (device_busy_ms against request_ms)
 step request_phases_sd15_pndm python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 5 \
     --scheduler PNDM "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants dreamsketch_compile "$@"
