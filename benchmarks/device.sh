@@ -5,18 +5,24 @@
 # time goes (request_phases) and its experiments; gpu_pipeline for SDXL (plain diffusers and the fast path);
 # request_phases for SDXL with CUDA graphs; the fast path's first call in a fresh process with the compile cache
 # warm (SD 1.5, then SDXL). About 10 minutes on an H100 (estimated from the 2026-11-26 runs).
-# Arguments go to both benchmarks: --runs N, --compile-backend B, --small. Everything lands in $OUT.
+# Arguments go to the benchmarks: --runs N, --compile-backend B, --small. The outputs are written to $WORK and
+# packed into $OUT/results.tar.gz after every step (the device tool brings back at most 8 files from $OUT).
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
 set -uo pipefail
 OUT=${OUT:-/tmp/dreamsketch-gpu}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/dreamsketch-gpu-work}
+mkdir -p "$OUT" "$WORK"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
-    | tee -a "$OUT/gpu.txt"
+    | tee -a "$WORK/gpu.txt"
+
+pack() {  # everything measured so far, in one file that replaces the last one whole
+    tar -czf "$OUT/results.tar.gz.part" -C "$WORK" . && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+}
 
 FROM=${FROM:-}
 wanted() {  # wanted NAME: whether step NAME runs (FROM is empty, or names this step or one before it)
@@ -24,12 +30,13 @@ wanted() {  # wanted NAME: whether step NAME runs (FROM is empty, or names this 
     [[ -z "$FROM" ]]
 }
 
-step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.txt
+step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log.txt
     wanted "$1" || return 0
-    echo "== $1 $(date -u +%T)" | tee -a "$OUT/log.txt"
-    "${@:2}" > "$OUT/$1.json" 2>> "$OUT/log.txt"
+    echo "== $1 $(date -u +%T)" | tee -a "$WORK/log.txt"
+    "${@:2}" > "$WORK/$1.json" 2>> "$WORK/log.txt"
     echo "$1 exit $?"
-    cat "$OUT/$1.json"
+    cat "$WORK/$1.json"
+    pack
 }
 
 # torch's compile steps with their times (tracing, inductor), to split the first call's compilation up (each block
@@ -39,9 +46,10 @@ step() {  # step NAME COMMAND...: stdout to $OUT/NAME.json, stderr to $OUT/log.t
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
 if wanted cuda_tests; then
-    echo "== cuda_tests $(date -u +%T)" | tee -a "$OUT/log.txt"
+    echo "== cuda_tests $(date -u +%T)" | tee -a "$WORK/log.txt"
     python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_engine.py -k cuda 2>&1 | tail -30 \
-        | tee "$OUT/cuda_tests.txt"
+        | tee "$WORK/cuda_tests.txt"
+    pack
 fi
 # the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
 # GPU's idle time, 36 ms on 2026-11-26), then whether a VAE out of channels_last is faster (cuDNN's timed
