@@ -26,7 +26,8 @@ from benchmarks.gpu_pipeline import add_regions_argument, build_pipeline, cases,
 from dreamsketch import fastpath
 from dreamsketch.fastpath import apply_fast_path
 
-SHAPES = ((2, 16), (6, 24), (2, 32))  # (UNet batch, latent side): the first call compiles, the others must not
+# (UNet batch, latent height, latent width): the first call compiles, the others must not
+SHAPES = ((2, 16, 16), (6, 24, 24), (2, 32, 24))
 
 
 def check(pipe: Any, backend: str) -> dict[str, Any]:
@@ -34,14 +35,14 @@ def check(pipe: Any, backend: str) -> dict[str, Any]:
     cpu = torch.device("cpu")
     with torch.no_grad():
         inputs = [
-            unet_inputs(unet, batch, side, cpu, torch.float32, torch.Generator().manual_seed(batch * 100 + side))
-            for batch, side in SHAPES
+            unet_inputs(unet, batch, height, cpu, torch.float32, torch.Generator().manual_seed(batch + height), width)
+            for batch, height, width in SHAPES
         ]
         eager = [unet(*args, **kwargs, return_dict=False)[0] for args, kwargs in inputs]
         apply_fast_path(pipe, backend)
         counters.clear()
         calls = []
-        for (batch, side), (args, kwargs), expected in zip(SHAPES, inputs, eager, strict=True):
+        for (batch, height, width), (args, kwargs), expected in zip(SHAPES, inputs, eager, strict=True):
             graphs, kernels = counters["stats"]["unique_graphs"], metrics.generated_kernel_count
             start = time.perf_counter()
             output = unet(*args, **kwargs, return_dict=False)[0]
@@ -49,7 +50,7 @@ def check(pipe: Any, backend: str) -> dict[str, Any]:
             calls.append(
                 {
                     "batch": batch,
-                    "latent": side,
+                    "latent": [height, width],
                     "seconds": round(seconds, 2),
                     "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
                     "kernels_generated": metrics.generated_kernel_count - kernels,  # by inductor; 0 with aot_eager

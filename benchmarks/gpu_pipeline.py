@@ -204,17 +204,23 @@ class UnetTimer:
 
 
 def unet_inputs(
-    unet: Any, batch: int, latent: int, device: torch.device, dtype: torch.dtype, generator: Any = None
+    unet: Any,
+    batch: int,
+    latent: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: Any = None,
+    latent_width: int | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Arguments of one UNet call: noisy latents, a timestep, text embeddings (SDXL: also pooled embeddings and
-    size ids), random, at UNet batch `batch` and latent side `latent`."""
+    size ids), random, at UNet batch `batch` and latent height `latent` (width `latent_width`, default the same)."""
     config = unet.config
 
     def noise(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
     args = (
-        noise(batch, 4, latent, latent),
+        noise(batch, 4, latent, latent_width or latent),
         torch.tensor(500, device=device),
         noise(batch, 77, config.cross_attention_dim),
     )

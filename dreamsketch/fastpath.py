@@ -86,13 +86,19 @@ def with_dynamo_settings(forward: Callable[..., Any]) -> Callable[..., Any]:
     shape: each call sets them in its own thread. The limit on compilations per function (all resnets share one)
     goes up to RECOMPILE_LIMIT. Floats are constants: the blocks' only floats are their eps, dropout and scale
     factors, and with them symbolic dynamo's first analysis of each block class failed and started again (about
-    5 s of the cold first call's 99 s on an H100, by its compile log)."""
+    5 s of the cold first call's 99 s on an H100, by its compile log). Every size gets a symbol of its own: with
+    torch's duck shaping equal sizes share one, so the first graph of each block class held only square latents,
+    and the first picture that was not square compiled them again."""
     import torch._dynamo
+    import torch.fx.experimental._config as fx_config
 
     @functools.wraps(forward)
     def with_settings(*args: Any, **kwargs: Any) -> Any:
         limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
-        with torch._dynamo.config.patch(cache_size_limit=limit, specialize_float=True):
+        with (
+            torch._dynamo.config.patch(cache_size_limit=limit, specialize_float=True),
+            fx_config.patch(use_duck_shape=False),  # type: ignore[attr-defined]  # made by torch at import
+        ):
             return forward(*args, **kwargs)
 
     return with_settings
