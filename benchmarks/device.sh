@@ -4,7 +4,8 @@
 # fills the compile cache); the CUDA tests (fast path, step pacing, noise copy); where a compiled SD 1.5 request's
 # time goes (request_phases) and its experiments; gpu_pipeline for SDXL (plain diffusers and the fast path);
 # request_phases for SDXL with CUDA graphs; the fast path's first call in a fresh process with the compile cache
-# warm (SD 1.5, then SDXL). About 10 minutes on an H100 (estimated from the 2026-11-26 runs).
+# warm (SD 1.5, then SDXL), with an experiment between them: SD 1.5's blocks compiled ahead by worker processes
+# (precompile). About 11 minutes on an H100 (estimated from the 2026-11-26 runs).
 # Arguments go to the benchmarks: --runs N, --compile-backend B, --small. The outputs are written to $WORK and
 # packed into $OUT/results.tar.gz after every step (the device tool brings back at most 8 files from $OUT).
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
@@ -68,4 +69,9 @@ step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --vari
 # with torch's compile log: what the warm restart spends its 16.6 s (2026-11-26) on, against the 15 s target
 step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --first-call "$@"
+# an experiment for the cold first call (99 s on 2026-11-26, target under 60 s): the UNet's distinct blocks compiled
+# by 4 worker processes at once into an empty cache, then the fast path's first call from it
+small=()
+[[ " $* " == *" --small "* ]] && small=(--small)
+step precompile_sd15 python3 -m benchmarks.precompile --workers 4 "${small[@]}"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"

@@ -48,9 +48,7 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
     """Make a loaded txt2img pipeline fast in place (img2img shares its modules, so it is fast too).
 
     `backend` is torch.compile's (None: no compilation); tests on the CPU use "aot_eager"."""
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    pipe.unet.fuse_qkv_projections()
+    convert_layout(pipe)
     if backend is not None:
         compile_regions(pipe.unet, backend)
     graphs = pipe.device.type == "cuda"
@@ -58,6 +56,13 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
         replay_as_graphs(pipe)
     log.info("fast path on: channels_last, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)
     return pipe
+
+
+def convert_layout(pipe: Any) -> None:
+    """The fast path's eager part: channels_last memory and fused QKV projections."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe.unet.fuse_qkv_projections()
 
 
 def graphed_models(pipe: Any) -> list[torch.nn.Module]:
