@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_unflatten
 
 import dreamsketch.fastpath
+from benchmarks.gpu_pipeline import unet_inputs
 from dreamsketch.engine import LocalEngine
 from dreamsketch.fastpath import (
     REGIONS,
@@ -70,6 +71,22 @@ def test_pictures_that_are_not_square_compile_nothing_new():
         fast(prompt="a red fox", num_inference_steps=1, height=height, width=width, output_type="latent")
         compiled.append(counters["stats"]["unique_graphs"])
     assert compiled[0] > 0 and compiled[1:] == [0, 0]
+
+
+def test_a_unet_batch_of_one_compiles_nothing_new_and_gives_the_plain_picture():
+    """Without CFG (guidance 1 or less) the UNet sees one latent, and dynamo specialises sizes of 1."""
+    torch._dynamo.reset()
+    plain, fast = build_tiny_pipeline(), apply_fast_path(build_tiny_pipeline(), backend="aot_eager")
+    kwargs = dict(prompt="a red fox", num_inference_steps=2, height=128, width=128, output_type="np")
+    fast(**kwargs, guidance_scale=7.5)  # compiles for the CFG batch of 2
+    counters.clear()
+    a = plain(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(1)).images
+    b = fast(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(1)).images
+    assert counters["stats"]["unique_graphs"] == 0
+    assert a.shape == b.shape == (1, 128, 128, 3) and np.abs(a - b).max() < 1e-4
+    args, unet_kwargs = unet_inputs(fast.unet, 1, 16, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        assert fast.unet(*args, **unet_kwargs).sample.shape == (1, 4, 16, 16)  # UNet2DConditionOutput too
 
 
 def test_fast_path_compiles_new_shapes_in_any_thread():
