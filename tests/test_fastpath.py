@@ -261,3 +261,18 @@ def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(build, backend):
     encoders = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if build is build_tiny_sdxl_pipeline else [])
     assert [type(model).__name__ for model in graphed_models(fast)] == ["UNet2DConditionModel", *encoders]
     assert_replays_give_the_plain_pictures(plain, fast, tolerance=2e-2)  # fp16 noise
+
+
+@cuda
+def test_cuda_compiled_unet_batch_of_one_replays_its_own_graph_with_the_plain_picture():
+    plain = build_tiny_pipeline().to("cuda", torch.float16)
+    fast = apply_fast_path(build_tiny_pipeline().to("cuda", torch.float16), backend="inductor")
+    kwargs = dict(prompt="a red fox", num_inference_steps=3, height=128, width=128, output_type="np")
+    fast(**kwargs, guidance_scale=7.5)  # compiles for the CFG batch of 2
+    counters.clear()
+    for _ in range(2):  # the first call captures the graph of a batch of one, the second replays it
+        a = plain(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(1)).images
+        b = fast(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(1)).images
+        assert np.abs(a - b).max() < 2e-2  # fp16 noise
+    assert counters["stats"]["unique_graphs"] == 0
+    assert len(fast.unet.forward.graphs) == 2
