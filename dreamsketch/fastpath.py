@@ -202,6 +202,7 @@ def signature(leaves: list[Any], spec: Any) -> tuple | None:
 
 
 def warm_up(pipe: Any, width: int, height: int) -> None:
-    """Compile and capture ahead of the first request: one short run at the model's native size."""
-    with torch.no_grad():
+    """Compile and capture ahead of the first request: one short run at the model's native size, in the inference
+    mode that the engine runs requests in (dynamo's graphs are specific to it)."""
+    with torch.inference_mode():
         pipe(prompt="", num_inference_steps=2, width=width, height=height, output_type="latent")

@@ -3,12 +3,14 @@ code generation takes minutes on two cores); on CUDA the same graphs go to induc
 graphs (the CUDA tests run on a GPU machine; see benchmarks/README.md)."""
 
 import dataclasses
+import io
 import os
 import threading
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -125,6 +127,31 @@ def test_compile_setting_applies_the_fast_path_and_warms_up_at_load(settings, mo
     plain_image = np.asarray(plain.generate(request).images[0], dtype=np.int16)
     assert calls == ["inductor"]
     assert np.abs(fast_image - plain_image).max() <= 1
+
+
+def test_after_the_warm_up_the_requests_people_make_compile_nothing(settings, monkeypatch):
+    """Other sizes (not square too), batches, no CFG, integer timesteps, img2img: none may compile again (a request
+    would wait for inductor with the device lock held). Without CUDA graphs (here, and on MPS) the blocks run in the
+    engine's inference mode, so the warm-up has to compile in it too: it compiled under no_grad, and the first
+    request compiled every graph again."""
+    original = dreamsketch.fastpath.apply_fast_path
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe: original(pipe, backend="aot_eager"))
+    torch._dynamo.reset()
+    engine = LocalEngine(dataclasses.replace(settings, compile=True), load_registry(settings.models_file))
+    engine.preload("tiny-demo")  # compiles while warming up at the native size, 128x128
+    counters.clear()
+    source = io.BytesIO()
+    Image.new("RGB", (96, 160), (200, 40, 40)).save(source, format="PNG")
+    requests = [
+        ("txt2img", {"width": 192, "height": 128, "batch_size": 2}),
+        ("txt2img", {"width": 64, "height": 256, "guidance_scale": 1.0}),
+        ("txt2img", {"scheduler": "DDIM", "negative_prompt": "blurry"}),
+        ("img2img", {"image": source.getvalue(), "strength": 0.5, "width": 96, "height": 160}),
+    ]
+    for mode, fields in requests:
+        request = parse_request({"prompt": "fox", "steps": 2, **fields}, engine.cache.registry, mode, "tiny-demo")
+        assert len(engine.generate(request).images) == fields.get("batch_size", 1)
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 def test_graph_signature_tells_shapes_apart_and_refuses_what_it_cannot_replay():
