@@ -52,6 +52,7 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
     if backend is not None:
         compile_regions(pipe.unet, backend)
         pipe.unet.forward = with_batch_of_two_at_least(pipe.unet.forward)
+        pipe.unet.forward = with_sides_of_one_eager(pipe.unet.forward, count_halvings(pipe.unet))
     graphs = pipe.device.type == "cuda"
     if graphs:
         replay_as_graphs(pipe)
@@ -126,6 +127,27 @@ def with_batch_of_two_at_least(forward: Callable[..., Any]) -> Callable[..., Any
         return tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x, output)
 
     return padded
+
+
+def count_halvings(unet: Any) -> int:
+    """How many times a UNet halves its latent's sides on the way down (SD 1.x/2.x: 3, SDXL: 2)."""
+    return sum(1 for block in unet.down_blocks if block.downsamplers)
+
+
+def with_sides_of_one_eager(forward: Callable[..., Any], halvings: int) -> Callable[..., Any]:
+    """Latents that leave a side of 1 at the UNet's deepest level (SD 1.x/2.x at 64 pixels) run without the
+    compiled blocks: dynamo specialises sizes of 1, and such a request compiled 4-5 of full-size SD 1.5's graphs
+    again, waiting for inductor with the device lock held. torch's stance is global; the engine's device lock
+    keeps other UNet calls out meanwhile."""
+
+    @functools.wraps(forward)
+    def guarded(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if min(sample.shape[-2:]) > 2**halvings:  # each halving rounds up: ceil(side / 2**halvings) > 1
+            return forward(sample, *args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return forward(sample, *args, **kwargs)
+
+    return guarded
 
 
 class CudaGraphs:

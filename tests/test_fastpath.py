@@ -91,6 +91,23 @@ def test_a_unet_batch_of_one_compiles_nothing_new_and_gives_the_plain_picture():
         assert fast.unet(*args, **unet_kwargs).sample.shape == (1, 4, 16, 16)  # UNet2DConditionOutput too
 
 
+def test_a_side_of_one_at_the_deepest_level_compiles_nothing_new_and_gives_the_plain_output():
+    """SD 1.5 at 64 pixels leaves its deepest level 1 latent wide; tiny-demo's UNet halves once, so a latent side of
+    2 does the same, and dynamo specialises sizes of 1."""
+    torch._dynamo.reset()
+    plain, fast = build_tiny_pipeline(), apply_fast_path(build_tiny_pipeline(), backend="aot_eager")
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        args, kwargs = unet_inputs(fast.unet, 2, 16, cpu, torch.float32)
+        fast.unet(*args, **kwargs)  # compiles
+        counters.clear()
+        for height, width in ((2, 16), (16, 2), (3, 16)):
+            args, kwargs = unet_inputs(fast.unet, 2, height, cpu, torch.float32, latent_width=width)
+            expected = plain.unet(*args, **kwargs).sample
+            assert (fast.unet(*args, **kwargs).sample - expected).abs().max() < 1e-5
+    assert counters["stats"]["unique_graphs"] == 0
+
+
 def test_fast_path_compiles_new_shapes_in_any_thread():
     """A server compiles in whichever thread brings a new shape, and torch 2.13 keeps dynamo's settings per thread.
     On the CPU a batch of 16 picks another convolution backend: every resnet configuration of tiny-demo compiles
