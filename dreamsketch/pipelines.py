@@ -6,6 +6,7 @@ import copy
 import gc
 import logging
 import os
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
@@ -182,15 +183,18 @@ class PipelineCache:
             self.loaded.move_to_end(model_id)
             return self.loaded[model_id]
         spec = self.registry.get(model_id)
-        while len(self.loaded) >= self.max_loaded:
-            self.evict(next(iter(self.loaded)))
         try:
             model = self._load(spec)
-        except BaseException:
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # so that free_memory frees a half-placed pipeline now
             free_memory()
             raise
         self.loaded[model_id] = model
         return model
+
+    def make_room(self) -> None:
+        while len(self.loaded) >= self.max_loaded:
+            self.evict(next(iter(self.loaded)))
 
     def evict(self, model_id: str) -> None:
         self.loaded.pop(model_id, None)
@@ -198,9 +202,18 @@ class PipelineCache:
         log.info("unloaded %s", model_id)
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
+        """Loaded models make room only for a model that loads: not before its weights are found and (on CUDA) read
+        into host memory, where missing, gated or damaged weights fail; but before they go onto the device, which
+        may not hold two. On the CPU and MPS the host's memory is the device's: room is made before reading."""
+        if not is_available(spec):
+            raise ModelUnavailableError(unavailable_message(spec, unavailable_reason(spec)))
         log.info("loading %s from %s on %s (%s)", spec.id, spec.source, self.device, self.dtype)
+        if self.device.type != "cuda":
+            self.make_room()
         txt2img_class, img2img_class = PIPELINE_CLASSES[spec.family]
-        txt2img = self._load_txt2img(spec, txt2img_class).to(self.device)
+        txt2img = self._load_txt2img(spec, txt2img_class)
+        self.make_room()
+        txt2img = txt2img.to(self.device)
         txt2img.set_progress_bar_config(disable=True)
         if self.compile:
             apply_fast_path(txt2img)
@@ -216,8 +229,6 @@ class PipelineCache:
             extra = {"safety_checker": None, "requires_safety_checker": False}
         if kind == "builtin":
             return build_tiny_pipeline().to(dtype=self.dtype)
-        if not is_available(spec):
-            raise ModelUnavailableError(unavailable_message(spec, unavailable_reason(spec)))
         try:
             if kind == "single_file":
                 return self._load_single_file(spec, pipeline_class, extra)

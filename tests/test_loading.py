@@ -1,11 +1,13 @@
 """The real loading paths, with tiny models: a local folder, the Hub cache by repo id, and absent from the cache."""
 
 import dataclasses
+import shutil
+import weakref
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from dreamsketch.engine import LocalEngine, batch_key
@@ -58,7 +60,7 @@ def test_hub_repo_loads_from_the_cache_offline(hub_settings, settings):
     assert np.array_equal(from_cache, from_folder)
 
 
-def test_uncached_hub_model_gives_the_offline_message_and_leaves_nothing_loaded(hub_settings):
+def test_uncached_hub_model_gives_the_offline_message_and_leaves_the_loaded_model_loaded(hub_settings):
     engine = LocalEngine(hub_settings, load_registry(hub_settings.models_file))
     generate(engine, "tiny-demo")
     with pytest.raises(ModelUnavailableError) as error:
@@ -67,8 +69,89 @@ def test_uncached_hub_model_gives_the_offline_message_and_leaves_nothing_loaded(
     for needed in ("'uncached-hub'", "nobody-here/not-cached", "not in the local cache", "HF_TOKEN", "tiny-demo"):
         assert needed in message
     assert "Traceback" not in message
-    assert engine.loaded_ids() == []  # tiny-demo made room; the failed load left no half-filled entry
+    assert engine.loaded_ids() == ["tiny-demo"]  # nothing made room for it, and no half-filled entry was left
     assert generate(engine, "tiny-demo").shape == (128, 128, 3)
+
+
+def test_a_model_that_cannot_load_pushes_out_no_loaded_model(hub_settings):
+    """QA's case, with the default DREAMSKETCH_MAX_LOADED=1: a request for a Hub model that is not cached offline
+    fails, and the model that works stays loaded (the same pipelines, not loaded again) and is reported so."""
+    studio = Studio(hub_settings)
+    fields = {"prompt": "a fox", "seed": 3, "steps": 2}
+    studio.generate(studio.parse({**fields, "model_id": "cached-hub"}, "txt2img"))
+    model = studio.engine.cache.loaded["cached-hub"]
+    with pytest.raises(ModelUnavailableError, match="'uncached-hub'"):
+        studio.generate(studio.parse({**fields, "model_id": "uncached-hub"}, "txt2img"))
+    assert studio.status()["loaded_models"] == ["cached-hub"]
+    assert {m["id"]: m["loaded"] for m in studio.models()} == {
+        "uncached-hub": False,
+        "cached-hub": True,
+        "tiny-demo": False,
+    }
+    studio.generate(studio.parse({**fields, "model_id": "cached-hub"}, "txt2img"))
+    assert studio.engine.cache.loaded["cached-hub"] is model
+
+
+def test_damaged_weights_fail_before_the_loaded_model_makes_room_on_cuda(settings, tmp_path, tiny_pipeline_dir):
+    """On CUDA the weights are read into host memory before anything leaves the device: damaged ones fail there.
+    (On the CPU reading them is putting them on the device, so room is made first.)"""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_pipeline_dir, damaged)
+    for weights in damaged.glob("unet/*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    registry = write_registry(
+        tmp_path / "damaged.yaml", [entry("tiny-demo", "builtin:tiny"), entry("damaged", str(damaged))]
+    )
+    engine = LocalEngine(settings, load_registry(registry))
+    engine.preload("tiny-demo")
+    engine.cache.device = torch.device("cuda")  # the failure comes before anything would go onto it
+    with pytest.raises(ModelUnavailableError, match="'damaged'.*could not be read"):
+        engine.preload("damaged")
+    assert engine.loaded_ids() == ["tiny-demo"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_model_that_loads_pushes_the_old_one_out_before_its_weights_go_onto_the_device(settings, monkeypatch, device):
+    """max_loaded=1: two big pipelines may not fit on the device together."""
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    engine.preload("tiny-demo")
+    engine.cache.device = torch.device(device)
+    placed, move = [], StableDiffusionPipeline.to
+
+    def to(pipe, *args, **kwargs):
+        if args and args[0] == engine.cache.device:
+            placed.append(engine.loaded_ids())
+            args = (torch.device("cpu"),)  # no GPU here: the "cuda" pipeline stays on the CPU
+        return move(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "to", to)
+    engine.preload("tiny-folder")
+    assert placed == [[]]
+    assert engine.loaded_ids() == ["tiny-folder"]
+
+
+def test_a_load_that_fails_on_the_device_leaves_no_entry_and_frees_its_pipeline(settings, monkeypatch):
+    """Past reading, the old model has made room; a failure there (out of memory, a failed warm-up) leaves the
+    cache empty rather than half-filled, frees the half-placed pipeline at once, and the next try loads."""
+    seen = []
+
+    def fail_warm_up(pipe, width, height):
+        seen.append(weakref.ref(pipe))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe: None)
+    monkeypatch.setattr("dreamsketch.pipelines.warm_up", lambda pipe, width, height: None)
+    engine = LocalEngine(dataclasses.replace(settings, compile=True), load_registry(settings.models_file))
+    engine.preload("tiny-demo")
+    monkeypatch.setattr("dreamsketch.pipelines.warm_up", fail_warm_up)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as error:
+        engine.preload("tiny-folder")
+    assert engine.loaded_ids() == []
+    assert len(seen) == 1 and seen[0]() is None, "freed while the error is still held (by the engine, the caller)"
+    assert "out of memory" in str(error.value)
+    monkeypatch.setattr("dreamsketch.pipelines.warm_up", lambda pipe, width, height: None)
+    assert generate(engine, "tiny-folder").shape == (128, 128, 3)
+    assert engine.loaded_ids() == ["tiny-folder"]
 
 
 def test_missing_local_sources_say_where_they_point(tmp_path, settings):
