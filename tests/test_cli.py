@@ -1,12 +1,20 @@
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from dreamsketch.cli import build_parser, main
+from dreamsketch.engine import LocalEngine
 from dreamsketch.gallery import read_parameters
+from dreamsketch.request import MAX_BATCH, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
+from dreamsketch.studio import Studio
+from tests.conftest import entry, write_registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,3 +63,114 @@ def test_models_and_preload_report_what_is_usable(tmp_path):
     assert preload.returncode == 1
     assert "ok      tiny-demo" in preload.stdout
     assert "FAILED  stable-diffusion-v1-5" in preload.stderr and "1 of 2 models could not be fetched" in preload.stderr
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """`python -m dreamsketch ...` run in this process: (exit status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DREAMSKETCH_MODELS_FILE", str(REPO_ROOT / "models.yaml"))
+    monkeypatch.setenv("DREAMSKETCH_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.delenv("DREAMSKETCH_DEFAULT_MODEL", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Loading a model or generating fails the test: the request must be refused before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model work for a request that should have been refused")
+
+    monkeypatch.setattr(Studio, "generate", refuse)
+    monkeypatch.setattr(LocalEngine, "preload", refuse)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("/nonexistent-dir/x.png", "error: --output: no such folder: /nonexistent-dir"),
+        ("existing", "error: --output: existing is a folder"),
+        ("a-file.png/x.png", "error: --output: a-file.png is not a folder"),
+        ("fox.jpg", "error: --output: must name a .png file"),
+        ("fox", "error: --output: must name a .png file"),
+        ("taken.png", "error: --output: taken-1.png is a folder"),  # the batch's second picture
+    ],
+)
+def test_output_that_cannot_be_written_is_refused_before_any_model_work(tmp_path, cli, no_model_work, output, message):
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "taken-1.png").mkdir()
+    (tmp_path / "a-file.png").write_bytes(b"x")
+    args = ["generate", "x", "--model", "tiny-demo", "--steps", "2", "--batch-size", "2", "--output", output]
+    code, out, err = cli(*args)
+    assert code == 2 and err.strip().startswith(message), err
+    assert out == "" and "Traceback" not in err
+    assert not list((tmp_path / "outputs").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        ("missing.png", "error: field 'image': cannot read missing.png: No such file or directory"),
+        ("folder", "error: field 'image': cannot read folder: Is a directory"),
+    ],
+)
+def test_unreadable_input_image_names_the_field(tmp_path, cli, no_model_work, image, message):
+    (tmp_path / "folder").mkdir()
+    code, out, err = cli("generate", "x", "--model", "tiny-demo", "--image", image, "--output", "x.png")
+    assert code == 2 and err.strip() == message, err
+
+
+def test_models_table_lines_up_for_any_ids_and_sizes(tmp_path, cli, monkeypatch):
+    registry = [
+        entry("a-model-id-much-longer-than-the-others", "nobody-here/not-cached", 1024, name="Big one"),
+        entry("tiny-demo", "builtin:tiny", 64, name="Small one"),
+        entry("mid", "builtin:tiny", 512, name="Middle one"),
+    ]
+    write_registry(tmp_path / "models.yaml", registry)
+    monkeypatch.setenv("DREAMSKETCH_MODELS_FILE", str(tmp_path / "models.yaml"))
+    code, out, _err = cli("models")
+    assert code == 0
+    rows = [line for line in out.splitlines() if any(e["name"] in line for e in registry)]
+    assert len(rows) == 3
+    for column in (
+        [f"{e['width']}x{e['height']}" for e in registry],
+        ["not cached", "usable now", "usable now"],
+        [e["name"] for e in registry],
+    ):
+        starts = {row.index(cell) for row, cell in zip(rows, column, strict=True)}
+        assert len(starts) == 1, out
+    assert all(line == line.rstrip() for line in out.splitlines())
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_has_help_with_its_bounds():
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+    generate = " ".join(subcommands()["generate"].format_help().split())
+    for text in (f"{MIN_SIDE}..{MAX_SIDE}", f"1..{MAX_STEPS}", f"0..{MAX_GUIDANCE:g}", f"1..{MAX_BATCH}"):
+        assert text in generate
+    assert str(MAX_SEED) in generate and "DPM++ 2M Karras" in generate
+    serve = " ".join(subcommands()["serve"].format_help().split())
+    assert "GRADIO_SERVER_NAME" in serve and "GRADIO_SERVER_PORT" in serve and "127.0.0.1:7860" in serve
+
+
+def test_model_loading_shows_no_progress_bars_of_its_own(tmp_path):
+    """tiny-shapes is a diffusers folder: diffusers and transformers would draw loading bars into generate's."""
+    done = run_cli(tmp_path, "generate", "x", "--model", "tiny-shapes", "--steps", "2", "--output", "x.png")
+    assert done.returncode == 0, done.stderr
+    assert "Loading pipeline components" not in done.stderr and "Loading weights" not in done.stderr
+    bar = re.search(r"tiny-shapes: +0%", done.stderr)
+    assert bar and done.stderr.index("loading tiny-shapes from") < bar.start(), done.stderr
