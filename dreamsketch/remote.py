@@ -14,8 +14,7 @@ from dreamsketch.config import Settings
 from dreamsketch.engine import Generation, GenerationCancelled, GenerationError, Step, StepCallback
 from dreamsketch.registry import Registry
 from dreamsketch.request import GenerationRequest
-
-REMOTE_SCHEDULER = "Default"
+from dreamsketch.schedulers import DEFAULT_SCHEDULER
 
 
 class RemoteEngine:
@@ -55,7 +54,7 @@ class RemoteEngine:
                 raise GenerationError(f"the Inference API could not be reached ({exc.__class__.__name__})") from None
             if on_step is not None:
                 on_step(Step(index + 1, len(seeds), None, spec.family))
-        return Generation(request, images, seeds, request.scheduler or REMOTE_SCHEDULER)
+        return Generation(request, images, seeds, request.scheduler or DEFAULT_SCHEDULER)
 
     def _one(self, request: GenerationRequest, seed: int, model: str | None) -> Image.Image:
         common: dict[str, Any] = dict(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from dreamsketch.registry import ModelSpec, Registry
-from dreamsketch.schedulers import SCHEDULERS
+from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -108,8 +108,12 @@ def parse_request(fields: Mapping[str, Any], registry: Registry, mode: Mode, def
     _check_area(spec, width, height)
 
     scheduler = given.get("scheduler")
+    if scheduler == DEFAULT_SCHEDULER:
+        scheduler = None
     if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
-        raise RequestError("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+        raise RequestError(
+            "scheduler", f"must be {DEFAULT_SCHEDULER} (the model's own) or one of {', '.join(SCHEDULERS)}"
+        )
 
     image = None
     strength = None
@@ -117,9 +121,7 @@ def parse_request(fields: Mapping[str, Any], registry: Registry, mode: Mode, def
         if "image" not in given:
             raise RequestError("image", "required for img2img")
         image = check_image(given["image"]).resize((width, height), Image.Resampling.LANCZOS)
-        strength = _number(given, "strength", DEFAULT_STRENGTH, 0.0, 1.0)
-        if strength == 0:
-            raise RequestError("strength", "must be more than 0 and at most 1")
+        strength = _number(given, "strength", DEFAULT_STRENGTH, 0.0, 1.0, low_included=False)
 
     steps = _int(given, "steps", spec.steps, 1, MAX_STEPS)
     if strength is not None and int(steps * strength) < 1:
@@ -166,12 +168,16 @@ def _int(given: Mapping[str, Any], name: str, default: int, low: int, high: int)
     return value
 
 
-def _number(given: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+def _number(
+    given: Mapping[str, Any], name: str, default: float, low: float, high: float, low_included: bool = True
+) -> float:
     value = given.get(name, default)
+    bounds = f"from {low:g} to {high:g}" if low_included else f"more than {low:g} and at most {high:g}"
     if type(value) is float and not math.isfinite(value) or type(value) not in (int, float):
-        raise RequestError(name, f"must be a finite number from {low:g} to {high:g}")
-    if not low <= value <= high:  # compared exactly: an int too large for a float is simply out of range
-        raise RequestError(name, f"must be from {low:g} to {high:g} (got {_shown(value)})")
+        raise RequestError(name, f"must be a finite number {bounds}")
+    # compared exactly: an int too large for a float is simply out of range
+    if not (low <= value if low_included else low < value) or value > high:
+        raise RequestError(name, f"must be {bounds} (got {_shown(value)})")
     return float(value)
 
 

@@ -11,6 +11,7 @@ import torch
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 from diffusers.utils.torch_utils import randn_tensor
 
+DEFAULT_SCHEDULER = "Default"  # the model's own scheduler, where a name is asked for
 # A1111 name -> (diffusers class name, extra config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),

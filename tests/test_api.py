@@ -192,7 +192,7 @@ def test_img2img_as_json_data_url_bare_base64_and_multipart(client: httpx.Client
         response = client.post("/api/img2img", json={**fields, "image": image})
         assert response.status_code == 200, response.text
         assert response.json()["result"]["seed"] == 5
-    form = {key: str(value) for key, value in fields.items()}
+    form = {key: str(value) for key, value in fields.items()} | {"scheduler": "Default"}  # a form cannot send null
     response = client.post(
         "/api/img2img/", data=form, files={"image": ("in.webp", png_bytes(fmt="WEBP"), "image/webp")}
     )
@@ -200,6 +200,7 @@ def test_img2img_as_json_data_url_bare_base64_and_multipart(client: httpx.Client
     url = response.json()["result"]["url"]
     with Image.open(io.BytesIO(httpx.get(url).content)) as image:
         assert "Denoising strength: 0.5" in image.info["parameters"]
+        assert "Sampler: Euler a" in image.info["parameters"]  # tiny-demo's own
 
 
 def test_health_answers_during_a_generation(server: Server, client: httpx.Client) -> None:

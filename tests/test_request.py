@@ -31,6 +31,7 @@ def test_defaults_come_from_the_model(registry):
     assert (request.width, request.height, request.steps, request.guidance_scale) == (128, 128, 4, 7.5)
     assert (request.seed, request.batch_size, request.scheduler, request.mode) == (-1, 1, None, "txt2img")
     assert parse(registry, prompt=None, seed=None).prompt == ""
+    assert parse(registry, scheduler="Default").scheduler is None  # the name the UI and gradio_client show
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,11 @@ def test_values_inside_the_bounds(registry, field, good):
         ("seed", [-2, MAX_SEED + 1], "from -1 to"),
         ("seed", ["7", 1.5], "whole number"),
         ("batch_size", [0, 9], "from 1 to 8"),
-        ("scheduler", ["Euler A", "euler", "", 3, {}, ["DDIM"]], "must be one of"),
+        (
+            "scheduler",
+            ["Euler A", "euler", "", "default", 3, {}, ["DDIM"]],
+            "must be Default (the model's own) or one of",
+        ),
         ("prompt", ["x" * 2001], "at most 2000 characters"),
         ("prompt", [5, ["a"], b"bytes"], "must be a string"),
         ("prompt", ["nul\x00", "bell\x07", "esc\x1b[31m", "del\x7f"], "control characters"),
@@ -106,9 +111,10 @@ def test_img2img_image_and_strength(registry):
     assert parse(registry, "img2img", image=png_bytes(fmt="JPEG")).strength == 0.6
     assert parse(registry, "img2img", image=png_bytes(fmt="WEBP")).image.mode == "RGB"
     assert parse(registry, "img2img", image=Image.new("RGBA", (8, 8))).image.mode == "RGB"
-    for strength in (0, -0.1, 1.01, math.nan):
-        with pytest.raises(RequestError, match="field 'strength'"):
+    for strength, message in ((0, "(got 0)"), (-0.1, "(got -0.1)"), (1.01, "(got 1.01)"), (math.nan, "")):
+        with pytest.raises(RequestError, match=r"field 'strength': must be .*more than 0 and at most 1") as error:
             parse(registry, "img2img", image=png_bytes(), strength=strength)
+        assert str(error.value).endswith(message)
     with pytest.raises(
         RequestError, match=r"field 'strength': steps x strength must be at least 1 step \(got 4 x 0.2\)"
     ):
