@@ -29,8 +29,8 @@ from PIL import Image
 from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
 from dreamsketch.gallery import GalleryEntry, format_parameters, parse_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
-from dreamsketch.request import MAX_BATCH, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Mode
-from dreamsketch.schedulers import SCHEDULERS
+from dreamsketch.request import DEFAULT_STRENGTH, MAX_BATCH, MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, Mode
+from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from dreamsketch.studio import Studio, StudioBusy, StudioResult
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ GPU_QUEUE = "gpu"
 # Generations in flight at once. The engine runs one pipeline call at a time and merges the compatible requests
 # waiting for it, so several in flight let people share a batch. ZeroGPU leases a GPU to each call: one there.
 GPU_CONCURRENCY = 1 if os.environ.get("SPACES_ZERO_GPU") else MAX_BATCH_IMAGES
-DEFAULT_SCHEDULER = "Default"
 GALLERY_PAGE = 24
 # A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
 PREVIEW_INTERVAL_S = 0.1
@@ -180,9 +179,9 @@ def user_error(exc: BaseException) -> gr.Error:
 
 
 def request_fields(mode: Mode, values: dict[str, Any]) -> dict[str, Any]:
-    """Component values -> studio.parse fields ("Default" scheduler -> None; image path -> its bytes)."""
+    """Component values -> studio.parse fields (an empty scheduler box -> None; image path -> its bytes)."""
     fields = {name: values.get(name) for name in (*FORM_FIELDS, "scheduler", "batch_size")}
-    if fields["scheduler"] in (DEFAULT_SCHEDULER, ""):
+    if fields["scheduler"] == "":
         fields["scheduler"] = None
     if mode == "img2img":
         fields["strength"] = values.get("strength")
@@ -297,13 +296,13 @@ class Handlers:
         prompt: str,
         negative_prompt: str,
         model_id: str,
-        width: float,
-        height: float,
-        steps: float,
-        guidance_scale: float,
-        seed: float,
-        scheduler: str,
-        batch_size: float,
+        width: float | None = None,  # None: the model's own (a default of None keeps it optional in gradio_client)
+        height: float | None = None,
+        steps: float | None = None,
+        guidance_scale: float | None = None,
+        seed: float = -1,
+        scheduler: str = DEFAULT_SCHEDULER,
+        batch_size: float = 1,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio finds the tracker by its default value)
     ) -> tuple[list, dict]:
         """Generate images from a text prompt with a Stable Diffusion model; the images are saved to the gallery.
@@ -314,8 +313,8 @@ class Handlers:
             model_id: A model id from the registry (see the Models tab or GET /api/models/).
             width: Image width in pixels: a multiple of 8 from 64 to 2048 (default: the model's native width).
             height: Image height in pixels: a multiple of 8 from 64 to 2048 (default: the model's native height).
-            steps: Denoising steps, 1 to 150.
-            guidance_scale: Classifier-free guidance scale, 0 to 30.
+            steps: Denoising steps, 1 to 150 (default: the model's own).
+            guidance_scale: Classifier-free guidance scale, 0 to 30 (default: the model's own).
             seed: Random seed, 0 to 4294967295; -1 picks one (the seed used is returned).
             scheduler: "Default" (the model's own) or one of Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, LMS, Heun, PNDM.
             batch_size: Number of images, 1 to 8 (seeds seed, seed+1, ...).
@@ -342,14 +341,14 @@ class Handlers:
         prompt: str,
         negative_prompt: str,
         model_id: str,
-        strength: float,
-        width: float,
-        height: float,
-        steps: float,
-        guidance_scale: float,
-        seed: float,
-        scheduler: str,
-        batch_size: float,
+        strength: float = DEFAULT_STRENGTH,
+        width: float | None = None,  # None: the model's own (a default of None keeps it optional in gradio_client)
+        height: float | None = None,
+        steps: float | None = None,
+        guidance_scale: float | None = None,
+        seed: float = -1,
+        scheduler: str = DEFAULT_SCHEDULER,
+        batch_size: float = 1,
         progress: gr.Progress = gr.Progress(),  # noqa: B008
     ) -> tuple[list, dict]:
         """Transform an input image following a text prompt; the images are saved to the gallery.
@@ -360,10 +359,10 @@ class Handlers:
             negative_prompt: What the image should not show ("" for none).
             model_id: A model id from the registry.
             strength: How much to change the image: more than 0, at most 1 (0.6 is a good start).
-            width: Output width in pixels: a multiple of 8 from 64 to 2048.
-            height: Output height in pixels: a multiple of 8 from 64 to 2048.
-            steps: Denoising steps, 1 to 150 (img2img runs about steps x strength of them).
-            guidance_scale: Classifier-free guidance scale, 0 to 30.
+            width: Output width in pixels: a multiple of 8 from 64 to 2048 (default: the model's native width).
+            height: Output height in pixels: a multiple of 8 from 64 to 2048 (default: the model's native height).
+            steps: Denoising steps, 1 to 150 (img2img runs about steps x strength of them; default: the model's own).
+            guidance_scale: Classifier-free guidance scale, 0 to 30 (default: the model's own).
             seed: Random seed, 0 to 4294967295; -1 picks one.
             scheduler: "Default" (the model's own) or an A1111 sampler name such as "Euler a" or "DPM++ 2M Karras".
             batch_size: Number of images, 1 to 8.
@@ -392,7 +391,7 @@ class Handlers:
         """The browser's Generate: live preview every step, then the results."""
         try:
             request = self.studio.parse(request_fields(mode, values), mode)
-            progress((0, request.steps), desc="Waiting for the GPU", unit="steps")
+            progress((0, request.steps), desc="Waiting for the device", unit="steps")
             async for item in run_generation(self.generate, request, previews=True):
                 if isinstance(item, Progressed):
                     progress((item.step, item.total), desc="Denoising", unit="steps")
@@ -447,7 +446,9 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                 gr.Examples([[p] for p in SUGGESTED_PROMPTS], inputs=[form.fields["prompt"]], label="Suggested prompts")
             form.fields["model_id"] = gr.Dropdown(model_choices(studio), value=studio.default_model, label="Model")
             if mode == "img2img":
-                form.fields["strength"] = gr.Slider(0.01, 1.0, value=0.6, step=0.01, label="Strength (denoising)")
+                form.fields["strength"] = gr.Slider(
+                    0.01, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Strength (denoising)"
+                )
             with gr.Row():
                 form.fields["width"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=width, step=8, label="Width")
                 form.fields["height"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=height, step=8, label="Height")
@@ -455,9 +456,7 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                 form.fields["steps"] = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps")
                 form.fields["guidance_scale"] = gr.Slider(0, MAX_GUIDANCE, value=guidance, step=0.5, label="Guidance")
             with gr.Row():
-                form.fields["seed"] = gr.Number(
-                    -1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED
-                )
+                form.fields["seed"] = gr.Number(-1, label="Seed (-1: random)")
                 form.fields["scheduler"] = gr.Dropdown(
                     [DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER, label="Scheduler"
                 )
@@ -472,6 +471,7 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                 columns=2,
                 height=360,
                 object_fit="contain",
+                fit_columns=False,
                 interactive=False,
                 elem_id=f"{mode}-results",
                 type="filepath",
@@ -485,8 +485,8 @@ def build_form(studio: Studio, mode: Mode) -> Form:
 
 
 def api_inputs(studio: Studio, mode: Mode) -> list[Any]:
-    """Hidden, unbounded components for the API endpoints: the Studio checks every value and names the field."""
-    width, height, steps, guidance = model_defaults(studio, studio.default_model)
+    """Hidden, unbounded components for the API endpoints: the Studio checks every value and names the field. Size,
+    steps and guidance default to None: the chosen model's own, whichever model that is."""
     inputs: list[Any] = []
     if mode == "img2img":
         inputs.append(image_upload(label="image"))
@@ -496,12 +496,12 @@ def api_inputs(studio: Studio, mode: Mode) -> list[Any]:
         gr.Textbox(studio.default_model, label="model_id"),
     ]
     if mode == "img2img":
-        inputs.append(gr.Number(0.6, label="strength"))
+        inputs.append(gr.Number(DEFAULT_STRENGTH, label="strength"))
     inputs += [
-        gr.Number(width, label="width"),
-        gr.Number(height, label="height"),
-        gr.Number(steps, label="steps"),
-        gr.Number(guidance, label="guidance_scale"),
+        gr.Number(None, label="width"),
+        gr.Number(None, label="height"),
+        gr.Number(None, label="steps"),
+        gr.Number(None, label="guidance_scale"),
         gr.Number(-1, label="seed"),
         gr.Textbox(DEFAULT_SCHEDULER, label="scheduler"),
         gr.Number(1, label="batch_size"),
@@ -558,9 +558,16 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> None:
     form.results.select(select, outputs=form.selected, **PRIVATE)
 
 
-def reuse_parameters(studio: Studio, info: dict[str, Any] | None, selected: int) -> list[Any]:
-    if not info or "parameters" not in info:
-        raise error("Generate something first; there are no parameters to reuse.")
+NOTHING_GENERATED = "Generate something first."
+
+
+def leave_as_is(message: str, outputs: int) -> list[Any]:
+    """A warning, and every output left as it is: raising gr.Error would cover each output with an error badge."""
+    gr.Warning(message)
+    return [gr.skip()] * outputs
+
+
+def reuse_parameters(studio: Studio, info: dict[str, Any], selected: int) -> list[Any]:
     parameters = dict(info["parameters"])
     seeds = info.get("seeds") or []
     if seeds:
@@ -568,33 +575,32 @@ def reuse_parameters(studio: Studio, info: dict[str, Any] | None, selected: int)
     return form_values(parameters, studio)
 
 
-def selected_image(results: list[Any] | None, selected: int) -> str:
-    if not results:
-        raise error("Generate something first; there is no image to send.")
+def selected_image(results: list[Any], selected: int) -> str:
     item = results[min(max(selected, 0), len(results) - 1)]
     return str(item[0] if isinstance(item, list | tuple) else item)
 
 
 def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
+    send_outputs = [i2i.fields["image"], *i2i.restorable(), tabs]
+
+    def reuse(info: dict[str, Any] | None, selected: int) -> list[Any]:
+        if not info or "parameters" not in info:
+            return leave_as_is(NOTHING_GENERATED, len(i2i.restorable()))  # both forms restore the same fields
+        return reuse_parameters(studio, info, selected)
+
+    def send(results: list[Any] | None, info: dict[str, Any] | None, selected: int) -> list[Any]:
+        if not results or not info or "parameters" not in info:
+            return leave_as_is(NOTHING_GENERATED, len(send_outputs))
+        return [
+            selected_image(results, selected),
+            *reuse_parameters(studio, info, selected),
+            gr.Tabs(selected="img2img"),
+        ]
+
     for form in (t2i, i2i):
         assert form.reuse and form.send and form.info and form.selected and form.results
-        form.reuse.click(
-            lambda info, selected: reuse_parameters(studio, info, selected),
-            inputs=[form.info, form.selected],
-            outputs=form.restorable(),
-            **PRIVATE,
-        )
-
-        def send(results: list[Any] | None, info: dict[str, Any] | None, selected: int) -> list[Any]:
-            image = selected_image(results, selected)
-            return [image, *reuse_parameters(studio, info, selected), gr.Tabs(selected="img2img")]
-
-        form.send.click(
-            send,
-            inputs=[form.results, form.info, form.selected],
-            outputs=[i2i.fields["image"], *i2i.restorable(), tabs],
-            **PRIVATE,
-        )
+        form.reuse.click(reuse, inputs=[form.info, form.selected], outputs=form.restorable(), **PRIVATE)
+        form.send.click(send, inputs=[form.results, form.info, form.selected], outputs=send_outputs, **PRIVATE)
 
 
 # -- Gallery tab ------------------------------------------------------------------------------------------------
@@ -628,7 +634,9 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
         refresh = gr.Button("Refresh", size="sm")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=320):
-            grid = gr.Gallery(label="Gallery", columns=4, height=520, interactive=False, elem_id="gallery-grid")
+            grid = gr.Gallery(
+                label="Gallery", columns=4, height=520, fit_columns=False, interactive=False, elem_id="gallery-grid"
+            )
         with gr.Column(scale=2, min_width=300):
             params_text = gr.Textbox(
                 label="Parameters", lines=5, interactive=False, buttons=["copy"], elem_id="gallery-parameters"
@@ -661,7 +669,7 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
 
     def remove(entry_id: int | None, page_number: int):  # type: ignore[no-untyped-def]
         if entry_id is None:
-            raise error("Select an image first.")
+            return leave_as_is("Select an image first.", len(page_outputs))
         if studio.gallery.delete(entry_id):
             gr.Info(f"Deleted image #{entry_id}.")
         return show(page_number)
@@ -670,25 +678,28 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
 
     def restore_entry(text: str):  # type: ignore[no-untyped-def]
         if not text:
-            raise error("Select an image first.")
+            return leave_as_is("Select an image first.", len(t2i.restorable()) + 1)
         return [*form_values(a1111_to_parameters(parse_parameters(text)), studio), gr.Tabs(selected="txt2img")]
 
     restore.click(restore_entry, inputs=params_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
-    png.change(png_info, inputs=png, outputs=[png_text, png_parsed], **PRIVATE)
+    png.upload(png_info, inputs=png, outputs=[png_text, png_parsed], **PRIVATE)  # .change fired twice per drop
+    png.clear(lambda: ("", None), outputs=[png_text, png_parsed], **PRIVATE)
     png_restore.click(restore_entry, inputs=png_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
     return page, page_outputs, show
 
 
 def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
+    """The parameters text of a dropped PNG and its parsed fields; a warning and empty boxes when it has none."""
     if not path:
         return "", None
     try:
         with Image.open(path) as image:
             text = read_parameters(image)
     except (OSError, ValueError):
-        raise error("Not a readable image.") from None
+        gr.Warning("Not a readable image.")
+        return "", None
     if text is None:
-        gr.Info("This image has no A1111 'parameters' metadata.")
+        gr.Warning("This image has no A1111 'parameters' metadata.")
         return "", None
     return text, parse_parameters(text)
 
@@ -696,6 +707,17 @@ def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
 # -- Models & status, Docs --------------------------------------------------------------------------------------
 
 MODEL_COLUMNS = ["id", "name", "family", "width", "height", "steps", "guidance_scale", "loaded", "available"]
+MODEL_COLUMN_WIDTHS: list[str | int] = [
+    "16%",
+    "27%",
+    "7%",
+    "7%",
+    "7%",
+    "6%",
+    "14%",
+    "7%",
+    "9%",
+]  # headers never break mid-word
 
 
 def status_values(studio: Studio):  # type: ignore[no-untyped-def]
@@ -735,7 +757,7 @@ images, info = client.predict(
 )
 ```
 
-Parameters left out take the defaults shown in the form. Errors name the field,
+Parameters left out take the chosen model's own size, steps, guidance and scheduler. Errors name the field,
 e.g. `field 'width': must be a multiple of 8 (got 500)`.
 
 ### HTTP (curl)
@@ -792,7 +814,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 page, page_outputs, show_page = build_gallery_tab(studio, t2i, tabs)
             with gr.Tab("Models & status", id="status") as status_tab:
                 status_json = gr.JSON(label="Status")
-                models_table = gr.Dataframe(headers=MODEL_COLUMNS, label="Models", interactive=False, wrap=True)
+                models_table = gr.Dataframe(
+                    headers=MODEL_COLUMNS,
+                    label="Models",
+                    interactive=False,
+                    wrap=True,
+                    column_widths=MODEL_COLUMN_WIDTHS,
+                )
                 refresh_status = gr.Button("Refresh", size="sm")
             with gr.Tab("Docs", id="docs"):
                 gr.Markdown(docs_markdown(studio))

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dreamsketch.studio import Studio
 from tests.servers import RunningServer, running_server, tiny_settings
@@ -218,4 +219,47 @@ def test_a_file_that_is_not_an_image_gets_our_message_in_img2img_and_png_info(br
     page.get_by_text("PNG info: read the parameters of any PNG").click()
     page.locator("#png-info input[type=file]").set_input_files(str(not_an_image))
     expect(page.get_by_text("Not a readable image.")).to_be_visible(timeout=20_000)
+    page.close()
+
+
+def test_early_clicks_warn_and_leave_the_page_usable(browser, server: RunningServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A raised gr.Error covered every output of the event (the whole form) with an "Error" badge."""
+    from playwright.sync_api import expect
+
+    page = open_app(browser, server)
+    for button in ("Reuse parameters", "Send to img2img"):
+        page.get_by_role("button", name=button).first.click()
+        expect(page.get_by_text("Generate something first.").first).to_be_visible(timeout=10_000)
+    page.get_by_role("tab", name="Gallery").click()
+    page.get_by_role("button", name="Delete").click()
+    expect(page.get_by_text("Select an image first.").first).to_be_visible(timeout=10_000)
+    page.get_by_role("button", name="Reuse in Text to image").click()
+    expect(page.get_by_text("Select an image first.")).to_have_count(2, timeout=10_000)
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+
+    page.get_by_text("PNG info: read the parameters of any PNG").click()
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (32, 32), "teal").save(plain)
+    page.locator("#png-info input[type=file]").set_input_files(str(plain))
+    expect(page.get_by_text("This image has no A1111 'parameters' metadata.")).to_have_count(1, timeout=10_000)
+    page.close()
+
+
+def test_one_result_is_shown_whole_and_the_seed_box_is_checked_like_the_api(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    page = open_app(browser, server)
+    seed = page.get_by_label("Seed (-1: random)").first
+    for typed, message in (("1.5", "field 'seed': must be a whole number"), ("-2", "field 'seed': must be from -1")):
+        seed.fill(typed)
+        page.locator("#txt2img-generate").click()
+        expect(page.get_by_text(message).first).to_be_visible(timeout=20_000)
+    seed.fill("5")
+    set_numbers(page, Steps=2)
+    page.locator("#txt2img-generate").click()
+    result = page.locator("#txt2img-results img").first
+    expect(result).to_be_visible(timeout=60_000)
+    picture, frame = result.bounding_box(), page.locator("#txt2img-results").bounding_box()
+    assert picture and frame and picture["y"] + picture["height"] <= frame["y"] + frame["height"], (picture, frame)
+    assert server.studio.gallery.list(limit=1)[0].meta.seed == 5
     page.close()

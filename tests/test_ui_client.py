@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
@@ -242,3 +243,20 @@ def test_concurrent_gradio_requests_reach_the_engine_together_and_share_a_batch(
     infos = [job.result(timeout=60)[1] for job in jobs]
     assert [info["seeds"] for info in infos] == [[0], [1], [2]]
     assert len({entry_id for info in infos for entry_id in info["ids"]}) == 3
+
+
+def test_left_out_size_steps_and_guidance_are_the_chosen_models_own(tmp_path: Path) -> None:
+    """They were the default model's, whichever model a caller named."""
+    wide = {"id": "tiny-wide", "name": "Tiny wide", "source": "builtin:tiny", "family": "sd15"}
+    wide |= {"width": 192, "height": 128, "steps": 3, "guidance_scale": 5.0}
+    settings = tiny_settings(tmp_path)
+    settings.models_file.write_text(
+        settings.models_file.read_text(encoding="utf-8") + yaml.safe_dump([wide], sort_keys=False), encoding="utf-8"
+    )
+    with running_server(Studio(settings)) as server, gradio_client(server) as client:
+        images, info = client.predict(prompt="a fox", model_id="tiny-wide", api_name="/txt2img")
+        assert {key: info["parameters"][key] for key in ("width", "height", "steps", "guidance_scale")} == {
+            "width": 192, "height": 128, "steps": 3, "guidance_scale": 5.0
+        }  # fmt: skip
+        with Image.open(images[0]["image"]) as image:
+            assert image.size == (192, 128)
