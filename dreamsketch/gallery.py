@@ -13,7 +13,8 @@ literal such as '"x"') is written as one JSON string instead; the reader decodes
 literal. So every prompt round trips exactly, and ordinary prompts stay plain for other tools.
 
 The index is a cache of what the PNGs say: it is rebuilt from them when missing or corrupt, and reconciled with the
-folder each time a Gallery opens. Writers in several threads and processes share it (WAL, busy timeout, one
+folder each time a Gallery opens; an index deleted or damaged while a Gallery is open is rebuilt the same way by the
+next operation, which then goes on. Writers in several threads and processes share it (WAL, busy timeout, one
 connection per call); file names are unique without locks.
 """
 
@@ -32,11 +33,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image, PngImagePlugin
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 INDEX_NAME = "gallery.sqlite3"
 TEMP_PREFIX = ".tmp-"
@@ -86,8 +88,8 @@ class GalleryError(OSError):
     """Saving to (or opening) the gallery failed; nothing partial was left behind."""
 
 
-class _CorruptIndex(Exception):
-    """The index file is not a usable gallery index."""
+class _UnusableIndex(sqlite3.DatabaseError):
+    """The index file is missing or not a usable gallery index (not SQLite, damaged, wrong schema)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
     Always has "prompt", "negative_prompt" (empty when absent) and "extra" (other keys, values as strings).
     "steps", "sampler", "cfg_scale", "seed", "width", "height", "model", "denoising_strength" are present only
-    when the text has them with a readable value (a malformed one goes to "extra" as written).
+    when the text has them with a readable value (a malformed one goes to "extra" as written). "sampler" includes
+    A1111 1.8+'s separate "Schedule type" (which "extra" keeps too): see _sampler_name.
     """
     body, params_line = _split_params_line(text.rstrip())
     prompt, negative = _split_prompts(body)
@@ -163,7 +166,18 @@ def parse_parameters(text: str) -> dict[str, Any]:
         else:
             result.update(converted)
     result["extra"] = extra
+    if "sampler" in result:
+        result["sampler"] = _sampler_name(result["sampler"], extra.get("Schedule type", ""))
     return result
+
+
+def _sampler_name(sampler: str, schedule: str) -> str:
+    """One name for a sampler and its schedule, as DreamSketch and A1111 before 1.8 write it: "DPM++ 2M" with
+    "Karras" is "DPM++ 2M Karras". "Automatic" (the sampler's own schedule) adds nothing. A pair that DreamSketch has
+    no scheduler for ("Euler" with "Exponential") gives a name it does not know, as that A1111 wrote for the pair."""
+    if schedule in ("", "Automatic") or sampler.endswith(f" {schedule}"):
+        return sampler
+    return f"{sampler} {schedule}"
 
 
 def _split_params_line(text: str) -> tuple[str, str]:
@@ -322,13 +336,7 @@ class Gallery:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).resolve()
         self.index_path = self.folder / INDEX_NAME
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._remove_orphans()
-            self._open_index()
-            self._reconcile()
-        except (OSError, sqlite3.Error) as error:
-            raise GalleryError(f"could not open the gallery in {self.folder}: {_reason(error)}") from error
+        self._open()
 
     # -- public ---------------------------------------------------------------------------------------------------
 
@@ -340,6 +348,8 @@ class Gallery:
         try:
             self._write_png(image, format_parameters(meta), self.folder / file_name)
             entry_id = self._insert(file_name, meta, created_at)
+        except GalleryError:  # the index was lost and could not be rebuilt
+            raise
         except (OSError, sqlite3.Error) as error:
             raise GalleryError(f"could not save image to {self.folder}: {_reason(error)}") from error
         return GalleryEntry(entry_id, file_name, meta, created_at)
@@ -348,18 +358,15 @@ class Gallery:
         """Entries newest first (by id)."""
         if limit < 0 or offset < 0:
             raise ValueError("limit and offset must be >= 0")
-        with self._connect() as conn:
-            rows = conn.execute("SELECT * FROM images ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        rows = self._fetch("SELECT * FROM images ORDER BY id DESC LIMIT ? OFFSET ?", limit, offset)
         return [_entry(row) for row in rows]
 
     def count(self) -> int:
-        with self._connect() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        return int(self._fetch("SELECT COUNT(*) FROM images")[0][0])
 
     def get(self, entry_id: int) -> GalleryEntry | None:
-        with self._connect() as conn:
-            row = conn.execute("SELECT * FROM images WHERE id = ?", (entry_id,)).fetchone()
-        return None if row is None else _entry(row)
+        rows = self._fetch("SELECT * FROM images WHERE id = ?", entry_id)
+        return _entry(rows[0]) if rows else None
 
     def delete(self, entry_id: int) -> bool:
         """Remove the file, then the row (in this order, so that a concurrent reconcile never revives it)."""
@@ -367,24 +374,26 @@ class Gallery:
         if entry is None:
             return False
         (self.folder / entry.file_name).unlink(missing_ok=True)
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM images WHERE id = ?", (entry_id,))
+        self._run(lambda conn: conn.execute("DELETE FROM images WHERE id = ?", (entry_id,)), write=True)
         return True
 
     def rebuild(self) -> int:
         """Replace the index with what the PNGs' parameters chunks say (in file time order); returns the count."""
-        with self._transaction() as conn:  # scan inside: a save that lands meanwhile waits, then adds its row
+
+        def replace_rows(conn: sqlite3.Connection) -> int:
+            # Scan inside the transaction: a save that lands meanwhile waits, then adds its row.
             found = self._scan(self._png_names())
             conn.execute("DELETE FROM images")
             conn.executemany(_INSERT_MISSING, [_row(name, meta, created) for name, meta, created in found])
-        return len(found)
+            return len(found)
+
+        return self._run(replace_rows, write=True)
 
     def file_path(self, file_name: str) -> Path | None:
         """The path of a gallery PNG named in the index; None for anything else (traversal-proof)."""
         if not isinstance(file_name, str) or ".." in file_name or not _SAFE_NAME.fullmatch(file_name):
             return None
-        with self._connect() as conn:
-            known = conn.execute("SELECT 1 FROM images WHERE file_name = ?", (file_name,)).fetchone()
+        known = self._fetch("SELECT 1 FROM images WHERE file_name = ?", file_name)
         path = self.folder / file_name
         return path if known and _plain_file(path) else None
 
@@ -429,12 +438,55 @@ class Gallery:
 
     # -- index ----------------------------------------------------------------------------------------------------
 
+    def _open(self) -> None:
+        """Open the gallery: create the index, or move a corrupt one aside and start a new one; then reconcile it
+        with the folder (a new index gets a row for each PNG). Also what brings back an index lost while open."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._remove_orphans()
+            self._open_index()
+            self._reconcile()
+        except (OSError, sqlite3.Error) as error:
+            raise GalleryError(f"could not open the gallery in {self.folder}: {_reason(error)}") from error
+
+    def _run(self, work: Callable[[sqlite3.Connection], _T], write: bool = False) -> _T:
+        """work(connection), in one transaction if it writes. On an index that is missing or unusable (deleted or
+        damaged since the gallery opened), the gallery opens again first: rows lost with the index were for PNGs
+        that were written before it went, so the new index has them all."""
+
+        def attempt() -> _T:
+            with self._transaction() if write else self._connect() as conn:
+                return work(conn)
+
+        try:
+            return attempt()
+        except _UnusableIndex as error:
+            log.warning("gallery index %s is missing or unusable (%s); rebuilding it", self.index_path, error)
+        self._open()
+        return attempt()
+
+    def _fetch(self, sql: str, *parameters: Any) -> builtins.list[sqlite3.Row]:
+        return self._run(lambda conn: conn.execute(sql, parameters).fetchall())
+
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    def _connect(self, create: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection to the index; _UnusableIndex if it is missing (unless create), damaged or lacks our table."""
+        uri = f"{self.index_path.as_uri()}?mode={'rwc' if create else 'rw'}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.OperationalError as error:
+            if create:
+                raise
+            raise _UnusableIndex(str(error)) from error  # mode=rw does not create a missing file
         conn.row_factory = sqlite3.Row
         try:
+            if not create:
+                _check_schema(conn)
             yield conn
+        except sqlite3.DatabaseError as error:  # "database is locked" and the like are not damage
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise _UnusableIndex(str(error)) from error
+            raise
         finally:
             conn.close()
 
@@ -445,33 +497,27 @@ class Gallery:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite ends it itself after some errors
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
     def _open_index(self) -> None:
-        """Create the index, or move a corrupt one (not SQLite, damaged, wrong schema) aside and start a new one."""
+        """Create the index, or move an unusable one (not SQLite, damaged, wrong schema) aside and start a new one."""
         try:
             self._prepare_index()
-        except _CorruptIndex as error:
+        except _UnusableIndex as error:
             self._move_index_aside(error)
             self._prepare_index()
 
     def _prepare_index(self) -> None:
-        try:
-            with self._connect() as conn:
-                check = conn.execute("PRAGMA quick_check").fetchone()[0]
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(_SCHEMA)
-                columns = {row["name"] for row in conn.execute("PRAGMA table_info(images)")}
-        except sqlite3.DatabaseError as error:  # "database is locked" and the like are not corruption
-            if error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-                raise _CorruptIndex(str(error)) from error
-            raise
-        if check != "ok":
-            raise _CorruptIndex(f"integrity check: {check}")
-        if not {"id", *_COLUMNS} <= columns:
-            raise _CorruptIndex(f"table images has columns {sorted(columns)}")
+        with self._connect(create=True) as conn:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _UnusableIndex(f"integrity check: {check}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_SCHEMA)
+            _check_schema(conn)
 
     def _move_index_aside(self, error: Exception) -> None:
         suffix = f".corrupt-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -498,12 +544,22 @@ class Gallery:
 
     def _insert(self, file_name: str, meta: ImageMeta, created_at: str) -> int:
         """Upsert (a concurrent reconcile may have indexed the file already); on failure remove the file."""
+        row = _row(file_name, meta, created_at)
         try:
-            with self._transaction() as conn:
-                return int(conn.execute(_UPSERT, _row(file_name, meta, created_at)).fetchone()[0])
+            return self._run(lambda conn: int(conn.execute(_UPSERT, row).fetchone()[0]), write=True)
         except BaseException:
             _remove_quietly(self.folder / file_name)
             raise
+
+
+def _check_schema(conn: sqlite3.Connection) -> None:
+    """_UnusableIndex unless the index has our table with all its columns."""
+    try:
+        conn.execute(f"SELECT id, {', '.join(_COLUMNS)} FROM images LIMIT 0")
+    except sqlite3.OperationalError as error:
+        if error.sqlite_errorcode == sqlite3.SQLITE_ERROR:  # no such table, no such column
+            raise _UnusableIndex(str(error)) from error
+        raise
 
 
 def _row(file_name: str, meta: ImageMeta, created_at: str) -> tuple[Any, ...]:

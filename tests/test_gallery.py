@@ -11,6 +11,7 @@ import threading
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -180,6 +181,26 @@ def test_parse_leaves_out_absent_keys_and_keeps_malformed_ones_as_extra() -> Non
         meta_from_parameters("just a prompt\nSteps: many, Sampler: Euler, Seed: 5")
 
 
+@pytest.mark.parametrize(
+    ("sampler_and_schedule", "scheduler"),
+    [
+        ("Sampler: DPM++ 2M, Schedule type: Karras", "DPM++ 2M Karras"),
+        ("Sampler: DPM++ SDE, Schedule type: Karras", "DPM++ SDE Karras"),
+        ("Sampler: DPM++ 2M, Schedule type: Automatic", "DPM++ 2M"),
+        ("Sampler: Euler a", "Euler a"),
+        ("Sampler: DPM++ 2M Karras, Schedule type: Karras", "DPM++ 2M Karras"),  # already one name
+        # No DreamSketch scheduler: the name that A1111 before 1.8 wrote, unknown here like any other sampler.
+        ("Sampler: Euler, Schedule type: Exponential", "Euler Exponential"),
+    ],
+)
+def test_a1111_schedule_type_joins_the_sampler_name(sampler_and_schedule: str, scheduler: str) -> None:
+    text = f"a cat\nSteps: 20, {sampler_and_schedule}, CFG scale: 7, Seed: 1, Size: 512x512, Model: m"
+    assert parse_parameters(text)["sampler"] == scheduler
+    assert meta_from_parameters(text).scheduler == scheduler
+    schedule = sampler_and_schedule.partition("Schedule type: ")[2]
+    assert parse_parameters(text)["extra"] == ({"Schedule type": schedule} if schedule else {})
+
+
 # --- PNG ----------------------------------------------------------------------------------------------------------
 
 
@@ -269,8 +290,9 @@ def _save_many(folder: str, worker: int, count: int) -> None:
         gallery.save(image(), replace(META, seed=worker * 1000 + n))
 
 
-def _assert_complete(folder: Path, expected: int) -> None:
-    gallery = Gallery(folder)
+def _assert_complete(folder: Path, expected: int, gallery: Gallery | None = None) -> None:
+    """The index holds each PNG once (checked through `gallery`, opened earlier, or else a new one that reconciles)."""
+    gallery = gallery or Gallery(folder)
     entries = gallery.list(limit=expected + 10)
     assert len(entries) == expected == gallery.count()
     assert len({e.file_name for e in entries}) == expected
@@ -348,6 +370,100 @@ def test_explicit_rebuild_returns_count(tmp_path: Path) -> None:
     gallery = Gallery(tmp_path)
     assert gallery.rebuild() == 3
     assert [e.meta for e in gallery.list()] == [e.meta for e in entries[::-1]]
+
+
+@pytest.mark.parametrize("operation", ["list", "count", "get", "file_path", "delete", "rebuild", "save"])
+def test_any_operation_rebuilds_an_index_deleted_while_the_gallery_is_open(tmp_path: Path, operation: str) -> None:
+    entries = _three_and_a_foreign_png(tmp_path)
+    gallery = Gallery(tmp_path)
+    (tmp_path / "gallery.sqlite3").unlink()
+    first = entries[0]
+    calls = {
+        "list": lambda: gallery.list(),
+        "count": lambda: gallery.count(),
+        "get": lambda: gallery.get(first.id),
+        "file_path": lambda: gallery.file_path(first.file_name),
+        "delete": lambda: gallery.delete(first.id),
+        "rebuild": lambda: gallery.rebuild(),
+        "save": lambda: gallery.save(image(), replace(META, seed=7)),
+    }
+    result = calls[operation]()
+    expected = {
+        "list": entries[::-1],  # the same ids, in the same order, as before
+        "count": 3,
+        "get": first,
+        "file_path": tmp_path.resolve() / first.file_name,
+        "delete": True,
+        "rebuild": 3,
+        "save": result,
+    }
+    assert result == expected[operation]
+    rows = [result] if operation == "save" else []
+    rows += entries[:0:-1] if operation == "delete" else entries[::-1]
+    for listed in gallery.list(), Gallery(tmp_path).list():  # rebuild() numbers the rows anew
+        assert [(e.file_name, e.meta, e.created_at) for e in listed] == [
+            (e.file_name, e.meta, e.created_at) for e in rows
+        ]
+
+
+@pytest.mark.parametrize("damage", ["emptied", "garbage", "wrong schema", "damaged rows"])
+def test_index_damaged_while_the_gallery_is_open_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    entries = _three_and_a_foreign_png(tmp_path)
+    gallery = Gallery(tmp_path)
+    index = tmp_path / "gallery.sqlite3"
+    data = index.read_bytes()
+    page = int.from_bytes(data[16:18], "big")  # the schema is on the first page, the rows on others
+    damaged = {"garbage": b"this is not a database" * 100, "damaged rows": data[:page] + b"\xff" * (len(data) - page)}
+    index.write_bytes(damaged.get(damage, b""))
+    if damage == "wrong schema":
+        with sqlite3.connect(index) as conn:
+            conn.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, x TEXT)")
+        conn.close()
+    entry = gallery.save(image(), replace(META, seed=7))
+    assert gallery.list() == [entry, *entries[::-1]]
+    assert len(list(tmp_path.glob("gallery.sqlite3.corrupt-*"))) == (damage != "emptied")
+
+
+def test_writers_in_threads_rebuild_a_deleted_index_together(tmp_path: Path) -> None:
+    Gallery(tmp_path).save(image(), replace(META, seed=999999))
+    galleries = [Gallery(tmp_path) for _ in range(8)]
+    (tmp_path / "gallery.sqlite3").unlink()
+    threads = [threading.Thread(target=_save_into, args=(g, w, 5)) for w, g in enumerate(galleries)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _assert_complete(tmp_path, 41, galleries[0])
+
+
+def _save_into(gallery: Gallery, worker: int, count: int) -> None:
+    for n in range(count):
+        gallery.save(image(), replace(META, seed=worker * 1000 + n))
+
+
+def _open_then_save(folder: str, worker: int, count: int, ready: Any, go: Any) -> None:
+    gallery = Gallery(folder)
+    ready.release()
+    assert go.wait(60)
+    _save_into(gallery, worker, count)
+
+
+def test_writers_in_processes_rebuild_a_deleted_index_together(tmp_path: Path) -> None:
+    gallery = Gallery(tmp_path)
+    gallery.save(image(), replace(META, seed=999999))
+    context = multiprocessing.get_context("spawn")
+    ready, go = context.Semaphore(0), context.Event()
+    processes = [context.Process(target=_open_then_save, args=(str(tmp_path), w, 5, ready, go)) for w in range(4)]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        assert ready.acquire(timeout=60)
+    (tmp_path / "gallery.sqlite3").unlink()
+    go.set()
+    for process in processes:
+        process.join(60)
+    assert [p.exitcode for p in processes] == [0] * 4
+    _assert_complete(tmp_path, 21, gallery)
 
 
 def test_open_drops_rows_without_file_and_adds_files_without_row(tmp_path: Path) -> None:
