@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import html
 import json
 import logging
 import re
@@ -60,6 +61,17 @@ INTERNAL_ERROR = "internal server error; the details are in the server log"
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
 _DIGITS = re.compile(r"[0-9]{1,6}")
 _NO_CONTROL = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"
+
+# Shown until the Swagger UI's script (loaded just before it) turns out to be there.
+OFFLINE_DOCS_NOTE = """
+<div id="offline-docs-note" style="font-family: sans-serif; margin: 2em">
+  <p>The interactive docs need the Swagger UI's scripts from cdn.jsdelivr.net, which did not load (is this machine
+  offline?).</p>
+  <p>The API is described in <a href="{spec}">/api/openapi.json</a>; the app's Docs tab has examples for curl and
+  gradio_client.</p>
+</div>
+<script>if (window.SwaggerUIBundle) document.getElementById("offline-docs-note").remove();</script>
+"""
 
 # Exceptions of the studio and what HTTP status each becomes (first match wins).
 STATUS_FOR: tuple[tuple[type[Exception], int], ...] = (
@@ -214,8 +226,11 @@ class _Routes:
         return JSONResponse(self.app.openapi())
 
     async def docs(self, request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(openapi_url=f"{root}/api/openapi.json", title="DreamSketch API")
+        """Swagger UI, whose scripts come from a CDN; a machine without the internet gets a note instead."""
+        spec = f"{request.scope.get('root_path', '')}/api/openapi.json"
+        page = bytes(get_swagger_ui_html(openapi_url=spec, title="DreamSketch API").body).decode()
+        note = OFFLINE_DOCS_NOTE.format(spec=html.escape(spec))
+        return HTMLResponse(page.replace("</body>", f"{note}</body>"))
 
     async def not_found(self, request: Request) -> Response:
         """Any other /api or /media path: 405 where another method would match, else 404 (never Gradio's)."""

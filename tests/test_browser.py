@@ -263,3 +263,16 @@ def test_one_result_is_shown_whole_and_the_seed_box_is_checked_like_the_api(brow
     assert picture and frame and picture["y"] + picture["height"] <= frame["y"] + frame["height"], (picture, frame)
     assert server.studio.gallery.list(limit=1)[0].meta.seed == 5
     page.close()
+
+
+def test_the_api_docs_say_what_to_do_when_swagger_cannot_load(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    """Offline (a normal state), the Swagger UI's scripts from the CDN do not load and the page was blank."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    page.route(re.compile(r"https://cdn\.jsdelivr\.net/.*"), lambda route: route.abort())
+    page.goto(server.url + "/api/docs")
+    expect(page.get_by_text("did not load (is this machine offline?)")).to_be_visible(timeout=20_000)
+    page.get_by_role("link", name="/api/openapi.json").click()
+    expect(page.get_by_text('"openapi"')).to_be_visible(timeout=10_000)
+    page.close()
