@@ -17,7 +17,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REQUIRED = ("id", "name", "source", "family", "width", "height", "steps", "guidance_scale")
-_OPTIONAL = ("scheduler", "description", "config")
+_OPTIONAL = ("scheduler", "description", "config", "prompts")
+MAX_PROMPT_CHARS = 2000  # a request's prompt limit too (a suggested prompt is a prompt)
 
 
 class RegistryError(ValueError):
@@ -37,6 +38,7 @@ class ModelSpec:
     scheduler: str | None = None
     description: str = ""
     config: str | None = None  # single files only: the diffusers folder or Hub repo with the pipeline's configs
+    prompts: tuple[str, ...] = ()  # the model's own suggested prompts (the UI falls back to generic ones)
 
     @property
     def source_kind(self) -> str:
@@ -153,6 +155,14 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
         if not isinstance(config, str) or not config.strip():
             raise fail("config", "must be a non-empty string")
         config = _resolve_source(config, path.parent)
+    prompts = entry.get("prompts", [])
+    if not isinstance(prompts, list):
+        raise fail("prompts", f"must be a list of non-empty strings, each at most {MAX_PROMPT_CHARS:,} characters")
+    for number, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise fail("prompts", f"prompt {number}: must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise fail("prompts", f"prompt {number}: at most {MAX_PROMPT_CHARS:,} characters (got {len(prompt):,})")
     spec = ModelSpec(
         id=entry["id"],
         name=entry["name"],
@@ -165,6 +175,7 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
         scheduler=scheduler,
         description=str(entry.get("description", "")),
         config=config,
+        prompts=tuple(prompts),
     )
     if spec.source_kind == "hub" and not _REPO_ID.match(source):
         raise fail("source", "not a Hub repo id (owner/name), a local path, a .safetensors/.ckpt file or builtin:tiny")

@@ -11,10 +11,9 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from dreamsketch.registry import ModelSpec, Registry
+from dreamsketch.registry import MAX_PROMPT_CHARS, ModelSpec, Registry
 from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
-MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 MAX_BATCH = 8
 MAX_STEPS = 150

@@ -245,6 +245,16 @@ def model_defaults(studio: Studio, model_id: str) -> tuple[int, int, int, float]
     return spec.width, spec.height, spec.steps, spec.guidance_scale
 
 
+def suggested_prompts(studio: Studio, model_id: str) -> list[str]:
+    """The model's own suggested prompts (registry field `prompts`), else the generic ones."""
+    return list(studio.registry.get(model_id).prompts) or SUGGESTED_PROMPTS
+
+
+def suggestion_samples(studio: Studio, model_id: str) -> list[list[str]]:
+    """gr.Dataset samples: one row per prompt, one column (the Prompt box)."""
+    return [[prompt] for prompt in suggested_prompts(studio, model_id)]
+
+
 def form_values(parameters: dict[str, Any], studio: Studio) -> list[Any]:
     """Updates for the form fields (FORM_FIELDS + scheduler) from request-style parameters; gr.skip() where absent."""
     values: list[Any] = []
@@ -424,6 +434,7 @@ class Form:
     send: gr.Button | None = None
     reuse: gr.Button | None = None
     selected: gr.State | None = None
+    suggestions: gr.Dataset | None = None  # txt2img only: the chosen model's suggested prompts
 
     def restorable(self) -> list[Any]:
         return [self.fields[name] for name in (*FORM_FIELDS, "scheduler")]
@@ -442,8 +453,13 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                 label="Prompt", lines=3, max_length=2000, placeholder="Describe the image"
             )
             form.fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, max_length=2000)
-            if mode == "txt2img":
-                gr.Examples([[p] for p in SUGGESTED_PROMPTS], inputs=[form.fields["prompt"]], label="Suggested prompts")
+            if mode == "txt2img":  # looks like gr.Examples (which is static); wire_form swaps the samples per model
+                form.suggestions = gr.Dataset(
+                    components=[form.fields["prompt"]],
+                    samples=suggestion_samples(studio, studio.default_model),
+                    label="Suggested prompts",
+                    elem_id="txt2img-suggestions",
+                )
             form.fields["model_id"] = gr.Dropdown(model_choices(studio), value=studio.default_model, label="Model")
             if mode == "img2img":
                 form.fields["strength"] = gr.Slider(
@@ -551,6 +567,30 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> None:
         outputs=[form.fields[n] for n in ("width", "height", "steps", "guidance_scale")],
         **PRIVATE,
     )
+    if form.suggestions is not None:
+        # .change, not .input: "Reuse parameters" and the Gallery's restore set the model too, keeping their own size
+        # and steps, but the suggestions always belong to the model shown.
+        def suggest(model_id: str | None) -> Any:
+            if model_id is None or model_id not in studio.registry:  # no model chosen: leave the list as it is
+                return gr.skip()
+            return gr.Dataset(samples=suggestion_samples(studio, model_id))
+
+        form.fields["model_id"].change(
+            suggest,
+            inputs=form.fields["model_id"],
+            outputs=form.suggestions,
+            show_progress="hidden",
+            **PRIVATE,
+        )
+        # The Dataset passes the clicked sample as this session's server-side copy has it, so the current model's.
+        form.suggestions.click(
+            lambda sample: sample[0],
+            inputs=form.suggestions,
+            outputs=form.fields["prompt"],
+            show_progress="hidden",
+            queue=False,
+            **PRIVATE,
+        )
 
     def select(evt: gr.SelectData) -> int:
         return int(evt.index)

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from dreamsketch.studio import Studio
+from dreamsketch.ui import SUGGESTED_PROMPTS
 from tests.servers import RunningServer, running_server, tiny_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,6 +26,22 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     with running_server(Studio(tiny_settings(tmp_path_factory.mktemp("browser")))) as running:
+        yield running
+
+
+OWN_PROMPTS = ["a red circle on a blue background", "a small green square on a yellow background"]
+
+
+@pytest.fixture(scope="module")
+def suggesting_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """tiny-demo (no suggested prompts of its own) and, selected at start, a builtin tiny model with its own."""
+    folder = tmp_path_factory.mktemp("browser-suggestions")
+    own = {"id": "tiny-suggests", "name": "Tiny with prompts", "source": "builtin:tiny", "family": "sd15"}
+    own |= {"width": 64, "height": 64, "steps": 2, "guidance_scale": 2.0, "prompts": OWN_PROMPTS}
+    demo = {"id": "tiny-demo", "name": "Tiny demo (noise)", "source": "builtin:tiny", "family": "sd15"}
+    demo |= {"width": 128, "height": 128, "steps": 2, "guidance_scale": 7.5}
+    (folder / "models.yaml").write_text(yaml.safe_dump([demo, own], sort_keys=False), encoding="utf-8")
+    with running_server(Studio(tiny_settings(folder, default_model="tiny-suggests"))) as running:
         yield running
 
 
@@ -53,6 +71,39 @@ def set_numbers(page, **values: int) -> None:  # type: ignore[no-untyped-def]
         field = page.get_by_label(f"number input for {label.replace('_', ' ')}").first
         field.fill(str(value))
         field.press("Enter")
+
+
+def choose_model(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Pick the Text to image model whose label starts with `name`, as a person does."""
+    page.get_by_label("Model").first.click()
+    page.get_by_role("option", name=re.compile("^" + re.escape(name))).click()
+
+
+def test_suggested_prompts_follow_the_model_and_fill_the_prompt(browser, suggesting_server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    page = open_app(browser, suggesting_server)
+    suggestions = page.locator("#txt2img-suggestions button.gallery-item")
+    prompt = page.get_by_label("Prompt", exact=True).first
+    generic = [re.compile("^" + re.escape(text[:40])) for text in SUGGESTED_PROMPTS]  # long ones are cut short
+    expect(page.get_by_text("Suggested prompts").first).to_be_visible()
+    expect(suggestions).to_have_text(OWN_PROMPTS)  # the default model's own, from the start
+    suggestions.nth(1).click()
+    expect(prompt).to_have_value(OWN_PROMPTS[1], timeout=10_000)
+
+    choose_model(page, "Tiny demo")
+    expect(suggestions).to_have_text(generic, timeout=10_000)  # a model without prompts of its own: the generic ones
+    suggestions.first.click()
+    expect(prompt).to_have_value(SUGGESTED_PROMPTS[0], timeout=10_000)  # whole, though shown cut short
+    page.locator("#txt2img-generate").click()
+    expect(page.locator("#txt2img-results img").first).to_be_visible(timeout=60_000)
+
+    choose_model(page, "Tiny with prompts")
+    expect(suggestions).to_have_text(OWN_PROMPTS, timeout=10_000)
+    page.get_by_role("button", name="Reuse parameters").first.click()  # sets the model back to tiny-demo
+    expect(page.get_by_label("Model").first).to_have_value(re.compile("^Tiny demo"), timeout=10_000)
+    expect(suggestions).to_have_text(generic, timeout=10_000)
+    page.close()
 
 
 def test_generate_then_find_it_in_the_gallery(browser, server: RunningServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

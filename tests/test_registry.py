@@ -4,7 +4,9 @@ import pytest
 
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.registry import RegistryError, load_registry
+from dreamsketch.request import MAX_PROMPT_CHARS
 from tests.conftest import entry, write_registry
+from training import shapes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +47,11 @@ def test_shipped_registry_has_the_seed_models():
         ({"source": "m.safetensors", "config": "./nowhere"}, "config", "nowhere (model_index.json missing)"),
         ({"source": "m.safetensors", "config": "."}, "config", "no diffusers folder"),
         ({"source": "m.safetensors", "config": "not a repo"}, "config", "not a local diffusers folder or a Hub"),
+        ({"prompts": "a red circle"}, "prompts", "must be a list of non-empty strings, each at most 2,000 characters"),
+        ({"prompts": None}, "prompts", "must be a list of non-empty strings"),
+        ({"prompts": ["a cat", " "]}, "prompts", "prompt 1: must be a non-empty string"),
+        ({"prompts": [["a cat"]]}, "prompts", "prompt 0: must be a non-empty string"),
+        ({"prompts": ["x" * 2001]}, "prompts", "prompt 0: at most 2,000 characters (got 2,001)"),
     ],
 )
 def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
@@ -53,6 +60,33 @@ def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
         load_registry(path)
     message = str(error.value)
     assert str(path) in message and "entry 1" in message and f"field '{field}'" in message and rule in message
+
+
+def test_prompts_are_optional_and_kept_in_order(tmp_path):
+    prompts = ["a red circle on a blue background", "x" * MAX_PROMPT_CHARS]
+    path = write_registry(
+        tmp_path / "m.yaml",
+        [
+            entry("own", "builtin:tiny", prompts=prompts),
+            entry("empty", "builtin:tiny", prompts=[]),
+            entry("none", "a/b"),
+        ],
+    )
+    registry = load_registry(path)
+    assert {spec.id: spec.prompts for spec in registry} == {"own": tuple(prompts), "empty": (), "none": ()}
+
+
+def test_shipped_suggested_prompts_are_in_the_models_own_words():
+    """tiny-shapes suggests captions of its training grammar (scenes it was trained on); tiny-demo suggests none."""
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    trained = shapes.split_scenes()[0]
+    captions = {
+        scene.caption(size, position) for scene in trained for size in (True, False) for position in (True, False)
+    }
+    prompts = registry.get("tiny-shapes").prompts
+    assert prompts and len(set(prompts)) == len(prompts)
+    assert set(prompts) <= captions, set(prompts) - captions
+    assert registry.get("tiny-demo").prompts == ()
 
 
 def test_missing_field_and_duplicate_id(tmp_path):
