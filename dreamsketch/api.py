@@ -46,7 +46,7 @@ from dreamsketch.request import (
     Mode,
     RequestError,
 )
-from dreamsketch.schedulers import SCHEDULERS
+from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from dreamsketch.studio import Studio, StudioBusy
 
 log = logging.getLogger(__name__)
@@ -459,7 +459,11 @@ def field_schemas(studio: Studio, nullable: bool = True) -> dict[str, dict[str, 
         "steps": whole(1, MAX_STEPS),
         "guidance_scale": {"type": kind("number"), "minimum": 0, "maximum": MAX_GUIDANCE},
         "seed": whole(-1, MAX_SEED, description="-1: random (the seed used is returned)"),
-        "scheduler": {"type": kind("string"), "enum": [*SCHEDULERS, *none]},
+        "scheduler": {
+            "type": kind("string"),
+            "enum": [DEFAULT_SCHEDULER, *SCHEDULERS, *none],
+            "description": f"{DEFAULT_SCHEDULER} (or left out): the model's own",
+        },
         "batch_size": whole(1, MAX_BATCH),
     }
 

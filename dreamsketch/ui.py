@@ -747,17 +747,8 @@ def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
 # -- Models & status, Docs --------------------------------------------------------------------------------------
 
 MODEL_COLUMNS = ["id", "name", "family", "width", "height", "steps", "guidance_scale", "loaded", "available"]
-MODEL_COLUMN_WIDTHS: list[str | int] = [
-    "16%",
-    "27%",
-    "7%",
-    "7%",
-    "7%",
-    "6%",
-    "14%",
-    "7%",
-    "9%",
-]  # headers never break mid-word
+# Wide enough that no header breaks mid-word.
+MODEL_COLUMN_WIDTHS: list[str | int] = ["16%", "27%", "7%", "7%", "7%", "6%", "14%", "7%", "9%"]
 
 
 def status_values(studio: Studio):  # type: ignore[no-untyped-def]
