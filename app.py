@@ -5,11 +5,16 @@ Blocks), so `uvicorn app:app` works too."""
 
 import logging
 
+from dreamsketch.config import SettingsError
+from dreamsketch.registry import RegistryError
 from dreamsketch.server import create_server, serve
 from dreamsketch.studio import Studio
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-studio = Studio()
+try:
+    studio = Studio()
+except (SettingsError, RegistryError, OSError) as exc:  # a setting, the registry, the gallery folder: one line
+    raise SystemExit(f"error: {exc}") from None
 app, demo = create_server(studio)
 
 if __name__ == "__main__":

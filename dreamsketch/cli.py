@@ -133,15 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from dreamsketch.server import serve
-
-        serve()
-        return 0
     from dreamsketch.studio import Studio
 
     try:
         studio = Studio()
+        if args.command == "serve":
+            from dreamsketch.server import serve
+
+            serve(studio)
+            return 0
         return {"generate": generate, "preload": preload, "models": models}[args.command](studio, args)
     except (
         SettingsError,

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD = "20mb"  # DESIGN.md: input images at most 20 MB
 FILE_ROUTE = "/gradio_api/file="
 MCP_ROUTE = "/gradio_api/mcp"
+SHUTDOWN_GRACE_S = 5  # Ctrl-C / SIGTERM: open connections get this long, then are closed
 
 
 class Guard:
@@ -104,7 +105,9 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     host, port = studio.settings.server_name, studio.settings.server_port
     threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
     print(f"DreamSketch on http://{host}:{port} (MCP: http://{host}:{port}/gradio_api/mcp/)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Open streams (a browser tab's heartbeat, the MCP server's connection to this app) never close by themselves:
+    # without a limit, Ctrl-C or SIGTERM waited for them forever.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 def preload_default(studio: Studio) -> None:

@@ -1,14 +1,17 @@
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.load import server_process
 from dreamsketch.cli import build_parser, main
 from dreamsketch.engine import LocalEngine
 from dreamsketch.gallery import read_parameters
@@ -174,3 +177,25 @@ def test_model_loading_shows_no_progress_bars_of_its_own(tmp_path):
     assert "Loading pipeline components" not in done.stderr and "Loading weights" not in done.stderr
     bar = re.search(r"tiny-shapes: +0%", done.stderr)
     assert bar and done.stderr.index("loading tiny-shapes from") < bar.start(), done.stderr
+
+
+@pytest.mark.parametrize("command", [["app.py"], ["-m", "dreamsketch", "serve"]])
+def test_a_start_up_mistake_is_one_line_not_a_traceback(tmp_path, command):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMSKETCH_MAX_LOADED": "abc"}
+    env["DREAMSKETCH_OUTPUT_DIR"] = str(tmp_path / "outputs")
+    done = subprocess.run(
+        [sys.executable, *command], env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: DREAMSKETCH_MAX_LOADED='abc'"), done.stderr
+
+
+def test_serve_stops_on_sigterm_while_a_browser_tab_is_open(tmp_path):
+    """A browser tab keeps a heartbeat stream open, and the server waited for it to close before it stopped."""
+    with (
+        server_process(tmp_path, queue_size=4) as (url, process),
+        httpx.stream("GET", f"{url}/gradio_api/heartbeat/a-tab", timeout=60) as heartbeat,
+    ):
+        assert heartbeat.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)  # psutil: raises TimeoutExpired if it is still running
