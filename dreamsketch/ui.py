@@ -27,7 +27,7 @@ import gradio as gr
 from PIL import Image
 
 from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
-from dreamsketch.gallery import GalleryEntry, format_parameters, parse_parameters, read_parameters
+from dreamsketch.gallery import GalleryEntry, GalleryError, format_parameters, parse_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.request import DEFAULT_STRENGTH, MAX_BATCH, MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, Mode
 from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -43,7 +43,8 @@ GALLERY_PAGE = 24
 # A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
 PREVIEW_INTERVAL_S = 0.1
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
-USER_ERRORS = (ValueError, ModelUnavailableError, GenerationError, StudioBusy)  # RequestError is a ValueError
+# Failures whose own message is what the user needs (RequestError is a ValueError; GalleryError: disk full, read-only)
+USER_ERRORS = (ValueError, ModelUnavailableError, GenerationError, StudioBusy, GalleryError)
 SUGGESTED_PROMPTS = [
     "a lighthouse on a cliff at sunset, dramatic clouds, oil painting",
     "a cozy reading nook with a cat, warm light, watercolor",

@@ -171,7 +171,7 @@ def _fail_with(code: int) -> Callable[..., None]:
     [("fsync", errno.ENOSPC), ("replace", errno.ENOSPC), ("open", errno.EROFS), ("replace", errno.EROFS)],
 )
 def test_disk_full_or_read_only_while_saving_reports_and_leaves_nothing(
-    server: RunningServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch, target: str, code: int
+    server: RunningServer, http: httpx.Client, client: Client, monkeypatch: pytest.MonkeyPatch, target: str, code: int
 ) -> None:
     gallery = server.studio.gallery
     before = gallery.count()
@@ -180,6 +180,8 @@ def test_disk_full_or_read_only_while_saving_reports_and_leaves_nothing(
     else:
         monkeypatch.setattr(gallery_module.os, target, _fail_with(code))
     message = error_of(http.post("/api/txt2img", json=FAST), 500)
+    with pytest.raises(AppError, match=f"could not save image .*{os.strerror(code)}"):  # the browser's path too
+        client.predict(prompt="x", **FAST, api_name="/txt2img")
     monkeypatch.undo()
     assert "could not save image" in message and os.strerror(code) in message
     assert gallery.count() == before and not list(gallery.folder.glob(f"{TEMP_PREFIX}*"))
