@@ -542,7 +542,8 @@ def wire_api(studio: Studio, handlers: Handlers) -> None:
             )
 
 
-def wire_form(form: Form, handlers: Handlers, studio: Studio) -> None:
+def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
+    """The form's events; returns its Generate event (the caller chains what follows a generation)."""
     assert form.generate and form.cancel and form.results and form.info and form.selected and form.preview
     names = {component: name for name, component in form.fields.items()}
     inputs = set(form.fields.values())
@@ -597,6 +598,7 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> None:
         return int(evt.index)
 
     form.results.select(select, outputs=form.selected, **PRIVATE)
+    return event
 
 
 NOTHING_GENERATED = "Generate something first."
@@ -695,7 +697,7 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
 
     def show(page_number: int):  # type: ignore[no-untyped-def]
         images, entry_ids, text, page_number = gallery_page(studio, page_number)
-        return images, entry_ids, text, page_number, None, "", None
+        return gr.Gallery(images, selected_index=None), entry_ids, text, page_number, None, "", None
 
     page_outputs = [grid, ids, label, page, chosen, params_text, details]
     prev_btn.click(lambda p: show(p - 1), inputs=page, outputs=page_outputs, **PRIVATE)
@@ -753,10 +755,14 @@ MODEL_COLUMN_WIDTHS: list[str | int] = ["16%", "27%", "7%", "7%", "7%", "6%", "1
 
 
 def status_values(studio: Studio):  # type: ignore[no-untyped-def]
-    models = studio.models()
-    rows = [[m[c] for c in MODEL_COLUMNS] for m in models]
+    rows = [[m[c] for c in MODEL_COLUMNS] for m in studio.models()]
+    return studio.status(), rows, *model_dropdowns(studio)
+
+
+def model_dropdowns(studio: Studio) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """Both tabs' model dropdowns with current labels (loaded, ready offline, needs download)."""
     choices = model_choices(studio)
-    return studio.status(), rows, gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
+    return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
 
 
 DOCS = """
@@ -857,11 +863,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
             with gr.Tab("Docs", id="docs"):
                 gr.Markdown(docs_markdown(studio))
         wire_api(studio, handlers)
-        for form in (t2i, i2i):
-            wire_form(form, handlers, studio)
+        model_fields = [t2i.fields["model_id"], i2i.fields["model_id"]]
+        for form in (t2i, i2i):  # a generation may load and unload models: the labels follow
+            generated = wire_form(form, handlers, studio)
+            generated.then(lambda: model_dropdowns(studio), outputs=model_fields, **PRIVATE)
         wire_transfers(studio, t2i, i2i, tabs)
 
-        status_outputs = [status_json, models_table, t2i.fields["model_id"], i2i.fields["model_id"]]
+        status_outputs = [status_json, models_table, *model_fields]
         refresh_status.click(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
         status_tab.select(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
         demo.load(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)  # "loaded" labels are current

@@ -245,6 +245,11 @@ def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: Ru
     page.get_by_role("button", name="Delete").click()
     expect(label).to_contain_text(f"{total - 1} images", timeout=10_000)
     assert studio.gallery.get(boat.id) is None and studio.gallery.file_path(boat.file_name) is None
+    page.locator("#gallery-grid button.thumbnail-item").first.click()
+    expect(page.locator("#gallery-grid button.thumbnail-item.selected").first).to_be_visible(timeout=10_000)
+    page.get_by_role("button", name="Older ▶").click()  # a new page: nothing selected, nothing shown as selected
+    expect(page.locator("#gallery-grid button.thumbnail-item.selected")).to_have_count(0, timeout=10_000)
+    expect(parameters).to_have_value("")
 
     page.get_by_text("PNG info: read the parameters of any PNG").click()
     png = studio.gallery.file_path(pier.file_name)
@@ -299,7 +304,10 @@ def test_early_clicks_warn_and_leave_the_page_usable(browser, server: RunningSer
 def test_one_result_is_shown_whole_and_the_seed_box_is_checked_like_the_api(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
+    server.studio.engine.cache.evict("tiny-demo")
     page = open_app(browser, server)
+    model = page.get_by_label("Model").first
+    expect(model).to_have_value("Tiny demo (noise) · ready offline")
     seed = page.get_by_label("Seed (-1: random)").first
     for typed, message in (("1.5", "field 'seed': must be a whole number"), ("-2", "field 'seed': must be from -1")):
         seed.fill(typed)
@@ -313,6 +321,7 @@ def test_one_result_is_shown_whole_and_the_seed_box_is_checked_like_the_api(brow
     picture, frame = result.bounding_box(), page.locator("#txt2img-results").bounding_box()
     assert picture and frame and picture["y"] + picture["height"] <= frame["y"] + frame["height"], (picture, frame)
     assert server.studio.gallery.list(limit=1)[0].meta.seed == 5
+    expect(model).to_have_value("Tiny demo (noise) · loaded", timeout=10_000)  # the label follows the generation
     page.close()
 
 
