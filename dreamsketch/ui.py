@@ -822,18 +822,27 @@ DreamSketch is an MCP server: the tools `txt2img` and `img2img` are served at
 """
 
 
-def docs_markdown(studio: Studio) -> str:
+def docs_markdown(studio: Studio, url: str | None = None) -> str:
+    """The Docs tab for the address the page was opened at (`url`), or else the configured one."""
     width, height, steps, guidance = model_defaults(studio, studio.default_model)
     host = studio.settings.server_name
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return DOCS.format(
-        url=f"http://{host}:{studio.settings.server_port}",
+        url=url or f"http://{host}:{studio.settings.server_port}",
         model=studio.default_model,
         width=width,
         height=height,
         steps=steps,
         guidance=guidance,
     )
+
+
+def page_url(request: gr.Request) -> str:
+    """The address the browser reached this app at (behind a proxy such as Spaces', the one it forwarded)."""
+    headers = {key.lower(): value for key, value in dict(request.headers).items()}
+    host = headers.get("x-forwarded-host") or headers["host"]
+    scheme = headers.get("x-forwarded-proto", "http")
+    return f"{scheme.split(',')[0].strip()}://{host.split(',')[0].strip()}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -861,7 +870,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 )
                 refresh_status = gr.Button("Refresh", size="sm")
             with gr.Tab("Docs", id="docs"):
-                gr.Markdown(docs_markdown(studio))
+                docs = gr.Markdown(docs_markdown(studio))
         wire_api(studio, handlers)
         model_fields = [t2i.fields["model_id"], i2i.fields["model_id"]]
         for form in (t2i, i2i):  # a generation may load and unload models: the labels follow
@@ -874,5 +883,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
         status_tab.select(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
         demo.load(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)  # "loaded" labels are current
         gallery_tab.select(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
+
+        def docs_for_this_page(request: gr.Request) -> str:
+            return docs_markdown(studio, page_url(request))
+
+        demo.load(docs_for_this_page, outputs=docs, **PRIVATE)  # on a LAN or a Space, not 127.0.0.1
         demo.load(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
     return demo

@@ -336,3 +336,15 @@ def test_the_api_docs_say_what_to_do_when_swagger_cannot_load(browser, server: R
     page.get_by_role("link", name="/api/openapi.json").click()
     expect(page.get_by_text('"openapi"')).to_be_visible(timeout=10_000)
     page.close()
+
+
+def test_the_docs_tab_shows_the_address_the_page_was_opened_at(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    """A server on 0.0.0.0 (a LAN, a Space) showed http://127.0.0.1 in every snippet."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    address = server.url.replace("127.0.0.1", "localhost")
+    page.goto(address + "/")
+    page.get_by_role("tab", name="Docs").click()
+    expect(page.get_by_text(f'client = Client("{address}")')).to_be_visible(timeout=20_000)
+    page.close()
