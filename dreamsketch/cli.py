@@ -170,9 +170,7 @@ def generate(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untype
         raise RequestError("strength", "only for img2img (give --image)")
     request = studio.parse(fields, mode)
     targets = [] if args.output is None else output_targets(args.output, request.batch_size)
-    # Load (or fetch) the model before the bar starts, without the loading bars of diffusers and transformers.
-    quiet_model_loading()
-    studio.engine.preload(request.model_id)
+    studio.engine.preload(request.model_id)  # load (or fetch) the model before the bar starts
     with tqdm(total=request.steps, desc=request.model_id, unit="step") as bar:
 
         def on_step(step: Step) -> None:
@@ -225,20 +223,6 @@ def output_targets(output: Path, count: int) -> list[Path]:
         if target.exists() and not os.access(target, os.W_OK):
             raise OptionError("--output", f"{target} exists and cannot be overwritten")
     return targets
-
-
-def quiet_model_loading() -> None:
-    """No "Loading pipeline components" (diffusers) or "Loading weights" (transformers) bars in this process.
-    The Hub's download bars stay as they were: a first download still shows its progress."""
-    import diffusers.utils.logging
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
-    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()  # also turns off the Hub's bars
-    if downloads_shown:
-        huggingface_hub.utils.enable_progress_bars()
 
 
 def preload(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import copy
 import gc
 import logging
 import os
+import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import diffusers.utils.logging
+import huggingface_hub.utils
 import torch
+import transformers.utils.logging
 from diffusers import (
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -170,6 +174,7 @@ class PipelineCache:
     the engine calls it under its device lock."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
+        quiet_model_loading()
         self.registry = registry
         self.max_loaded = settings.max_loaded
         self.hf_token = settings.hf_token
@@ -182,7 +187,7 @@ class PipelineCache:
         if model_id in self.loaded:
             self.loaded.move_to_end(model_id)
             return self.loaded[model_id]
-        spec = self.registry.get(model_id)
+        spec, start = self.registry.get(model_id), time.perf_counter()
         try:
             model = self._load(spec)
         except BaseException as exc:
@@ -190,6 +195,7 @@ class PipelineCache:
             free_memory()
             raise
         self.loaded[model_id] = model
+        log.info("loaded %s in %.1f s", model_id, time.perf_counter() - start)
         return model
 
     def make_room(self) -> None:
@@ -267,6 +273,17 @@ class PipelineCache:
             raise ModelUnavailableError(
                 unavailable_message(spec, f"the checkpoint does not fit {configs} ({detail})")
             ) from None
+
+
+def quiet_model_loading() -> None:
+    """No "Loading pipeline components" (diffusers) or "Loading weights" (transformers) bars in this process
+    (they cut into the log and the CLI's own progress bar).
+    The Hub's download bars stay as they were: a first download still shows its progress."""
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # also turns off the Hub's bars
+    if downloads_shown:
+        huggingface_hub.utils.enable_progress_bars()
 
 
 def free_memory() -> None:

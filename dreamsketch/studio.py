@@ -49,6 +49,7 @@ def choose_default_model(settings: Settings, registry: Registry) -> str:
                 f"DREAMSKETCH_DEFAULT_MODEL={settings.default_model!r}: not in {registry.path} "
                 f"(known: {', '.join(registry.ids())})"
             )
+        log.info("default model: %s (DREAMSKETCH_DEFAULT_MODEL)", settings.default_model)
         return settings.default_model
     for spec in registry:
         if spec.id not in OFFLINE_MODELS and spec.source_kind != "builtin" and is_available(spec):

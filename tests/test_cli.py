@@ -190,12 +190,16 @@ def test_a_start_up_mistake_is_one_line_not_a_traceback(tmp_path, command):
     assert done.stderr.strip().splitlines()[-1].startswith("error: DREAMSKETCH_MAX_LOADED='abc'"), done.stderr
 
 
-def test_serve_stops_on_sigterm_while_a_browser_tab_is_open(tmp_path):
+def test_serve_logs_what_it_uses_and_stops_on_sigterm_while_a_browser_tab_is_open(tmp_path):
     """A browser tab keeps a heartbeat stream open, and the server waited for it to close before it stopped."""
     with (
         server_process(tmp_path, queue_size=4) as (url, process),
         httpx.stream("GET", f"{url}/gradio_api/heartbeat/a-tab", timeout=60) as heartbeat,
     ):
         assert heartbeat.status_code == 200
+        assert httpx.post(f"{url}/api/txt2img", json={"steps": 1}, timeout=60).status_code == 200  # loaded by now
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)  # psutil: raises TimeoutExpired if it is still running
+    log = (tmp_path / "server.log").read_text()
+    assert "default model: tiny-demo (DREAMSKETCH_DEFAULT_MODEL)" in log and "loaded tiny-demo in" in log
+    assert f"gallery: {tmp_path / 'outputs'} (0 images)" in log and "Loading pipeline components" not in log
