@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="model_id",
         default=None,
         metavar="ID",
-        help="a model id (see `models`; default: DREAMSKETCH_DEFAULT_MODEL, else the first model usable now)",
+        help="a model id (see `models`; default: DREAMSKETCH_DEFAULT_MODEL, else the first model usable now "
+        "that is not a bundled tiny one, else tiny-shapes)",
     )
     generate.add_argument("--width", type=int, help=f"picture width in pixels: {side} (default: the model's)")
     generate.add_argument("--height", type=int, help=f"picture height in pixels: {side} (default: the model's)")

@@ -787,7 +787,7 @@ images, info = client.predict(
 print(info["seeds"], images[0]["image"])   # local path of the first PNG
 
 job = client.submit(prompt="a red fox in snow", api_name="/txt2img")
-print(job.status().progress_data)           # steps done so far; job.cancel() stops it
+print(job.status().progress_data)           # steps done so far (None until it starts); job.cancel() stops it
 
 images, info = client.predict(
     image=handle_file("input.png"), prompt="the same, as a watercolor", strength=0.6,
