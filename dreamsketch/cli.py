@@ -172,7 +172,7 @@ def generate(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untype
     request = studio.parse(fields, mode)
     targets = [] if args.output is None else output_targets(args.output, request.batch_size)
     studio.engine.preload(request.model_id)  # load (or fetch) the model before the bar starts
-    with tqdm(total=request.steps, desc=request.model_id, unit="step") as bar:
+    with tqdm(total=request.denoising_steps, desc=request.model_id, unit="step") as bar:
 
         def on_step(step: Step) -> None:
             bar.total = step.total

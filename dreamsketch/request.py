@@ -73,6 +73,12 @@ class GenerationRequest:
     def mode(self) -> Mode:
         return "txt2img" if self.image is None else "img2img"
 
+    @property
+    def denoising_steps(self) -> int:
+        """The steps a progress bar starts with: img2img skips the first (1 - strength) of them, as diffusers does
+        (a second-order scheduler such as Heun reports more once it runs)."""
+        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
+
     def with_seed(self) -> GenerationRequest:
         """This request with seed -1 replaced by a freshly drawn seed."""
         if self.seed != -1:

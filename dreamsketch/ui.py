@@ -402,7 +402,7 @@ class Handlers:
         """The browser's Generate: live preview every step, then the results."""
         try:
             request = self.studio.parse(request_fields(mode, values), mode)
-            progress((0, request.steps), desc="Waiting for the device", unit="steps")
+            progress((0, request.denoising_steps), desc="Waiting for the device", unit="steps")
             async for item in run_generation(self.generate, request, previews=True):
                 if isinstance(item, Progressed):
                     progress((item.step, item.total), desc="Denoising", unit="steps")

@@ -120,6 +120,8 @@ def test_img2img_image_and_strength(registry):
     ):
         parse(registry, "img2img", image=png_bytes(), strength=0.2)
     assert parse(registry, "img2img", image=png_bytes(), strength=0.25).strength == 0.25
+    assert parse(registry, "img2img", image=png_bytes(), steps=20, strength=0.6).denoising_steps == 12
+    assert parse(registry, steps=20).denoising_steps == 20
     with pytest.raises(RequestError, match="field 'image': required"):
         parse(registry, "img2img", prompt="x")
 
