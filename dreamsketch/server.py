@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -94,7 +95,35 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
         css=CSS,
     )
     app.add_middleware(Guard, gallery=studio.gallery, auth=settings.auth)
+    if settings.auth:
+        sign_in_mcp_tool_calls(demo, settings.auth)
     return app, demo
+
+
+_MCP_CLIENT_LOCK = threading.Lock()
+
+
+def sign_in_mcp_tool_calls(demo: gr.Blocks, auth: tuple[str, str]) -> None:
+    """Gradio 6.31's MCP server runs tool calls through a gradio_client of its own, made at the first call, which
+    did not sign in: with DREAMSKETCH_AUTH every call failed ("credentials were not provided"). It now signs in with
+    the app's own credentials; the MCP request itself has passed the Guard's check by then."""
+    import gradio.mcp
+    from gradio_client import Client
+
+    mcp = demo.mcp_server_obj
+    assert mcp is not None  # made when the app was mounted with mcp_server=True
+    make_client = mcp._get_or_create_client
+
+    def signed_in_client() -> Client:
+        with _MCP_CLIENT_LOCK:  # Gradio's module global is swapped while its client is made
+            original = gradio.mcp.Client
+            gradio.mcp.Client = functools.partial(Client, auth=auth)  # type: ignore[misc]
+            try:
+                return make_client()
+            finally:
+                gradio.mcp.Client = original  # type: ignore[misc]
+
+    mcp._get_or_create_client = signed_in_client  # type: ignore[method-assign]
 
 
 def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:

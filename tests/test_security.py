@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -142,19 +143,26 @@ def test_every_way_in_works_with_credentials(locked: RunningServer, tmp_path: Pa
     assert locked.studio.gallery.get(info["ids"][0]) is not None
 
 
-def test_mcp_lists_tools_with_credentials_only(locked: RunningServer) -> None:
+def test_mcp_lists_and_calls_tools_with_credentials_only(locked: RunningServer) -> None:
     from mcp import ClientSession
     from mcp.client.streamable_http import streamablehttp_client
 
-    async def tools(auth: httpx.Auth | None) -> list[str]:
+    async def tools(auth: httpx.Auth | None) -> tuple[list[str], Any]:
         async with (
             streamablehttp_client(f"{locked.url}/gradio_api/mcp/", auth=auth) as (read, write, _),
             ClientSession(read, write) as session,
         ):
             await session.initialize()
-            return [tool.name for tool in (await session.list_tools()).tools]
+            names = [tool.name for tool in (await session.list_tools()).tools]
+            return names, await session.call_tool("txt2img", {"prompt": "an agent's fox", "steps": 1})
 
-    assert {"txt2img", "img2img"} <= set(anyio.run(tools, httpx.BasicAuth(USER, PASSWORD)))
+    before = locked.studio.gallery.count()
+    names, called = anyio.run(tools, httpx.BasicAuth(USER, PASSWORD))
+    assert {"txt2img", "img2img"} <= set(names)
+    # Gradio's MCP server ran the call through a client of its own that did not sign in ("credentials were not
+    # provided"): tools were listed, but every call failed.
+    assert not called.isError, called.content
+    assert locked.studio.gallery.count() == before + 1
     with pytest.raises(BaseException):  # noqa: B017 (the MCP client surfaces the 401 as an exception group)
         anyio.run(tools, None)
 
