@@ -121,11 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the registry's models and whether they are usable now",
         description="List the registry's models (DREAMSKETCH_MODELS_FILE) and whether their weights are usable now.",
     )
-    serve_help = "start the web app (same as `python app.py`)"
     commands.add_parser(
         "serve",
-        help=serve_help,
-        description=f"{serve_help[0].upper()}{serve_help[1:]}. It listens on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT "
+        help="start the web app (same as `python app.py`)",
+        description="Start the web app (same as `python app.py`). It listens on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT "
         f"(default {Settings.server_name}:{Settings.server_port}); set those environment variables to change it.",
     )
     return parser

@@ -33,6 +33,12 @@ class Settings:
     server_port: int = 7860
     inference_api_url: str | None = None
 
+    @property
+    def local_url(self) -> str:
+        """The server's address from this machine (listening on every address, 0.0.0.0 or ::, 127.0.0.1 works)."""
+        host = "127.0.0.1" if self.server_name in ("0.0.0.0", "::") else self.server_name
+        return f"http://{host}:{self.server_port}"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Read settings; a `.env` in the working directory fills in what the environment lacks."""

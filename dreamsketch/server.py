@@ -131,16 +131,21 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     studio = studio or Studio()
     if app is None:
         app, _demo = create_server(studio)
-    host, port = studio.settings.server_name, studio.settings.server_port
+    settings = studio.settings
     log.info("gallery: %s (%d images)", studio.gallery.folder, studio.gallery.count())
-    if studio.settings.auth:
+    if settings.auth:
         log.info("sign-in required (DREAMSKETCH_AUTH)")
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # listening on every address: this one works here
-    print(f"DreamSketch on http://{shown}:{port} (MCP: http://{shown}:{port}/gradio_api/mcp/)", flush=True)
+    print(f"DreamSketch on {settings.local_url} (MCP: {settings.local_url}/gradio_api/mcp/)", flush=True)
     threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
     # Open streams (a browser tab's heartbeat, the MCP server's connection to this app) never close by themselves:
     # without a limit, Ctrl-C or SIGTERM waited for them forever.
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    uvicorn.run(
+        app,
+        host=settings.server_name,
+        port=settings.server_port,
+        log_level="info",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
 
 
 def preload_default(studio: Studio) -> None:

@@ -246,14 +246,10 @@ def model_defaults(studio: Studio, model_id: str) -> tuple[int, int, int, float]
     return spec.width, spec.height, spec.steps, spec.guidance_scale
 
 
-def suggested_prompts(studio: Studio, model_id: str) -> list[str]:
-    """The model's own suggested prompts (registry field `prompts`), else the generic ones."""
-    return list(studio.registry.get(model_id).prompts) or SUGGESTED_PROMPTS
-
-
 def suggestion_samples(studio: Studio, model_id: str) -> list[list[str]]:
-    """gr.Dataset samples: one row per prompt, one column (the Prompt box)."""
-    return [[prompt] for prompt in suggested_prompts(studio, model_id)]
+    """gr.Dataset samples (one column: the Prompt box): the model's own suggested prompts (registry field
+    `prompts`), else the generic ones."""
+    return [[prompt] for prompt in studio.registry.get(model_id).prompts or SUGGESTED_PROMPTS]
 
 
 def form_values(parameters: dict[str, Any], studio: Studio) -> list[Any]:
@@ -825,10 +821,8 @@ DreamSketch is an MCP server: the tools `txt2img` and `img2img` are served at
 def docs_markdown(studio: Studio, url: str | None = None) -> str:
     """The Docs tab for the address the page was opened at (`url`), or else the configured one."""
     width, height, steps, guidance = model_defaults(studio, studio.default_model)
-    host = studio.settings.server_name
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return DOCS.format(
-        url=url or f"http://{host}:{studio.settings.server_port}",
+        url=url or studio.settings.local_url,
         model=studio.default_model,
         width=width,
         height=height,
