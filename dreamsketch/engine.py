@@ -100,9 +100,10 @@ MAX_BATCH_IMAGES = 8  # concurrent requests are merged into one pipeline call up
 # A request that finds no other waiting waits this long for company: requests sent at the same moment arrive a
 # millisecond or so apart, and would otherwise run as one alone and then the rest together.
 BATCH_WINDOW_S = 0.002
+CANCEL_POLL_S = 0.1  # how often a request waiting for the device looks whether its caller has cancelled
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     """One caller's request while it waits for, or runs on, the device."""
 
@@ -163,13 +164,27 @@ class LocalEngine:
         with self._waiting_lock:
             self._waiting.append(job)
         while not job.done.is_set():
-            with self.lock:
-                if not job.done.is_set():
-                    self._run_batch(self._take_batch(job))
+            if self.lock.acquire(timeout=CANCEL_POLL_S):
+                try:
+                    if not job.done.is_set():
+                        self._run_batch(self._take_batch(job))
+                finally:
+                    self.lock.release()
+            elif job.cancelled:
+                self._withdraw(job)
         if job.error is not None:
             raise job.error
         assert job.result is not None
         return job.result
+
+    def _withdraw(self, job: _Job) -> None:
+        """A cancelled request still waiting for the device leaves now, not when the running batch ends (until then
+        it counted as waiting, and could turn others away as busy). One taken into the running batch stops at its
+        next step."""
+        with self._waiting_lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.finish(error=GenerationCancelled())
 
     def _take_batch(self, leader: _Job) -> list[_Job]:
         with self._waiting_lock:

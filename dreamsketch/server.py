@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import gradio as gr
 import uvicorn
@@ -139,13 +140,28 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
     # Open streams (a browser tab's heartbeat, the MCP server's connection to this app) never close by themselves:
     # without a limit, Ctrl-C or SIGTERM waited for them forever.
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.server_name,
         port=settings.server_port,
         log_level="info",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
+    StudioServer(config, studio).run()
+
+
+class StudioServer(uvicorn.Server):
+    """Ctrl-C or SIGTERM first cancels the running generations, which stop within a step: their callers get a
+    "shutting down" reply inside the grace period (not a cut connection), nothing of theirs is saved, and the
+    process ends in seconds (Ctrl-C waited for the running generation, then saved its pictures)."""
+
+    def __init__(self, config: uvicorn.Config, studio: Studio) -> None:
+        super().__init__(config)
+        self.studio = studio
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.studio.shut_down()
+        super().handle_exit(sig, frame)
 
 
 def preload_default(studio: Studio) -> None:

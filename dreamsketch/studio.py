@@ -16,7 +16,7 @@ import transformers
 
 from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
-from dreamsketch.engine import Generation, LocalEngine, StepCallback
+from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
 from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
 from dreamsketch.pipelines import is_available
 from dreamsketch.registry import Registry, load_registry
@@ -25,10 +25,11 @@ from dreamsketch.request import GenerationRequest, Mode, parse_request
 
 log = logging.getLogger(__name__)
 OFFLINE_MODELS = ("tiny-shapes", "tiny-demo")
+SHUTTING_DOWN = "the server is shutting down; try again in a moment"
 
 
 class StudioBusy(RuntimeError):
-    """More requests are waiting than DREAMSKETCH_QUEUE_SIZE allows."""
+    """More requests are waiting than DREAMSKETCH_QUEUE_SIZE allows, or the server is shutting down."""
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Studio:
         self._pending = 0  # requests running or waiting for the device
         self._bounded = 0  # of those, the ones without a queue of their own
         self._pending_lock = threading.Lock()
+        self._cancels: set[threading.Event] = set()  # one per running or waiting request
+        self.closing = threading.Event()
 
     def parse(self, fields: Mapping[str, Any], mode: Mode) -> GenerationRequest:
         return parse_request(fields, self.registry, mode, self.default_model)
@@ -88,24 +91,43 @@ class Studio:
 
         Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting behind the running one, counting
         only requests without `own_queue`: Gradio's events come through Gradio's queue, which has the same bound."""
+        cancel = cancel or threading.Event()
         with self._pending_lock:
+            if self.closing.is_set():
+                raise StudioBusy(SHUTTING_DOWN)
             bounded = 0 if own_queue else 1
             if bounded and self._bounded > self.settings.queue_size:
                 raise StudioBusy(f"busy: {self._bounded} requests are ahead of this one; try again in a moment")
             self._pending += 1
             self._bounded += bounded
+            self._cancels.add(cancel)
         try:
             generation = self.engine.generate(request, on_step, cancel)
+            if cancel.is_set():  # cancelled after the last step, while decoding: nothing is saved
+                raise GenerationCancelled
+        except GenerationCancelled:
+            if self.closing.is_set():
+                raise StudioBusy(SHUTTING_DOWN) from None
+            raise
         finally:
             with self._pending_lock:
                 self._pending -= 1
                 self._bounded -= bounded
+                self._cancels.discard(cancel)
         done = generation.request
         entries = [
             self.gallery.save(image, image_meta(done, seed, generation.scheduler))
             for image, seed in zip(generation.images, generation.seeds, strict=True)
         ]
         return StudioResult(generation, entries)
+
+    def shut_down(self) -> None:
+        """Refuse new requests and cancel the running and waiting ones: each stops within a step, saves nothing, and
+        its caller hears that the server is shutting down."""
+        with self._pending_lock:
+            self.closing.set()
+            for cancel in self._cancels:
+                cancel.set()
 
     @property
     def pending(self) -> int:

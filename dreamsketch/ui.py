@@ -139,6 +139,7 @@ async def run_generation(generate: Generate, request: Any, previews: bool) -> As
 
     context = contextvars.copy_context()
     threading.Thread(target=context.run, args=(work,), name="dreamsketch-generate", daemon=True).start()
+    watcher = asyncio.ensure_future(cancel_when_client_gone(cancel))
     try:
         while True:
             item = await items.get()
@@ -155,7 +156,27 @@ async def run_generation(generate: Generate, request: Any, previews: bool) -> As
             yield item.outcome
             return
     finally:
+        watcher.cancel()
         cancel.set()
+
+
+CLIENT_CHECK_S = 0.5  # how often a running event looks whether its client is still there
+
+
+async def cancel_when_client_gone(cancel: threading.Event) -> None:
+    """Set `cancel` when Gradio marks this event's client gone (its stream closed: a closed tab, a killed
+    gradio_client). Gradio then stops a generator, as the browser's Generate is, but let an API call (/txt2img,
+    /img2img) run to the end, holding the device and saving pictures for no one. Reads Gradio 6.31's private queue
+    (`Queue.event_ids_to_events`, `Event.alive`): check it when upgrading Gradio (tests/test_faults.py fails
+    if it breaks)."""
+    from gradio.context import LocalContext
+
+    queue, event_id = getattr(LocalContext.blocks.get(None), "_queue", None), LocalContext.event_id.get(None)
+    if queue is None or event_id is None:  # not inside a Gradio event (tests calling handlers directly)
+        return
+    while (event := queue.event_ids_to_events.get(event_id)) is not None and event.alive:
+        await asyncio.sleep(CLIENT_CHECK_S)
+    cancel.set()
 
 
 def error(message: str) -> gr.Error:

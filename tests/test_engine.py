@@ -460,6 +460,26 @@ def test_a_cancelled_request_leaves_its_batch_running(engine):
     assert len(outcomes[1].images) == 1
 
 
+def test_a_request_cancelled_while_waiting_leaves_at_once_not_when_the_running_batch_ends(engine):
+    cancel, outcome = threading.Event(), []
+
+    def wait():
+        try:
+            engine.generate(request(engine), cancel=cancel)
+        except GenerationCancelled as exc:
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=wait)
+    with engine.lock:  # a batch runs meanwhile
+        waiting.start()
+        while not engine._waiting:
+            threading.Event().wait(0.01)
+        cancel.set()
+        waiting.join(30)
+        assert outcome and engine._waiting == []
+    assert not waiting.is_alive()
+
+
 def test_the_empty_float32_warning_of_diffusers_is_dropped_and_other_warnings_pass():
     import logging
 

@@ -5,6 +5,7 @@ storms. Each time the user gets a clear error, nothing partial is left, and the 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from benchmarks.load import server_process
 from dreamsketch import engine as engine_module
 from dreamsketch import gallery as gallery_module
 from dreamsketch.gallery import TEMP_PREFIX, Gallery
@@ -308,3 +310,61 @@ def test_a_storm_of_abandoned_http_requests_drains_and_the_next_request_succeeds
     with httpx.Client(base_url=server.url, timeout=60) as http:
         assert http.post("/api/txt2img", json=FAST).status_code == 200
     assert_consistent(server.studio.gallery)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clients that go away, requests that give up, a server that stops
+
+LONG = {"model_id": "tiny-demo", "width": 128, "height": 128, "steps": 150, "batch_size": 8}
+KILLED_CLIENT = """
+import json, sys, time
+from gradio_client import Client
+client = Client(sys.argv[1], verbose=False, download_files=sys.argv[2])
+job = client.submit(prompt="a client that will be killed", **json.loads(sys.argv[3]), api_name="/txt2img")
+while not job.status().progress_data and not job.done():
+    time.sleep(0.05)
+print(f"failed: {job.exception()}" if job.done() else "running", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_gradio_client_frees_the_device_and_saves_nothing(server: RunningServer, folder: Path) -> None:
+    """Gradio stopped a closed browser tab's generation but let a gone gradio_client's call run to its end."""
+    wait_until_idle(server)
+    before = server.studio.gallery.count()
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CLIENT, server.url, str(folder / "downloads"), json.dumps(LONG)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "running"
+        assert server.studio.pending == 1
+    finally:
+        child.kill()
+        child.wait()
+    wait_until_idle(server, timeout=30)  # the 150 steps of 8 pictures take far longer on a CPU
+    assert server.studio.gallery.count() == before
+    assert_consistent(server.studio.gallery)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_while_generating_answers_the_caller_and_ends_the_server(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C waited for the running generation, saved its pictures and cut its caller off with a plain 500."""
+    replies: list[httpx.Response] = []
+    with server_process(tmp_path, queue_size=4) as (url, process):
+        caller = threading.Thread(
+            target=lambda: replies.append(httpx.post(f"{url}/api/txt2img", json=LONG, timeout=120))
+        )
+        caller.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/api/status", timeout=10).json()["queue_length"] == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+        time.sleep(1)  # into the denoising steps
+        process.send_signal(sig)
+        process.wait(timeout=30)  # psutil: raises TimeoutExpired if it is still running
+        caller.join(30)
+    assert "shutting down" in error_of(replies[0], 503)
+    assert list((tmp_path / "outputs").glob("*.png")) == []

@@ -4,10 +4,11 @@ import threading
 import pytest
 from PIL import Image
 
+import dreamsketch.engine
 from dreamsketch.engine import GenerationCancelled
 from dreamsketch.gallery import meta_from_parameters, read_parameters
 from dreamsketch.request import RequestError
-from dreamsketch.studio import Studio, StudioBusy
+from dreamsketch.studio import SHUTTING_DOWN, Studio, StudioBusy
 
 
 @pytest.fixture
@@ -34,6 +35,43 @@ def test_refused_and_cancelled_requests_write_nothing(studio):
     with pytest.raises(GenerationCancelled):
         studio.generate(studio.parse({"prompt": "x"}, "txt2img"), cancel=cancel)
     assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
+
+
+def test_a_cancel_after_the_last_step_saves_nothing(studio, monkeypatch):
+    cancel = threading.Event()
+    decode = dreamsketch.engine.decode
+
+    def cancelled_while_decoding(*args, **kwargs):
+        cancel.set()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(dreamsketch.engine, "decode", cancelled_while_decoding)
+    with pytest.raises(GenerationCancelled):
+        studio.generate(studio.parse({"prompt": "x", "steps": 2}, "txt2img"), cancel=cancel)
+    assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
+
+
+def test_shutting_down_cancels_running_and_waiting_requests_and_refuses_new_ones(studio):
+    started, outcomes = threading.Event(), []
+
+    def run(on_step=None):
+        try:
+            studio.generate(studio.parse({"prompt": "x", "steps": 50}, "txt2img"), on_step)
+        except StudioBusy as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(lambda step: started.set(),)), threading.Thread(target=run)]
+    for thread in threads:
+        thread.start()
+    started.wait(30)
+    while studio.pending < 2:
+        threading.Event().wait(0.01)
+    studio.shut_down()
+    for thread in threads:
+        thread.join(30)
+    with pytest.raises(StudioBusy, match="shutting down"):
+        studio.generate(studio.parse({"prompt": "x"}, "txt2img"))
+    assert outcomes == [SHUTTING_DOWN] * 2 and studio.pending == 0 and studio.gallery.count() == 0
 
 
 def test_busy_when_the_queue_is_full(settings):
