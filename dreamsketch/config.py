@@ -43,7 +43,7 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Read settings; a `.env` in the working directory fills in what the environment lacks."""
         if environ is None:
-            load_dotenv(Path.cwd() / ".env", override=False)
+            _load_dotenv(Path.cwd() / ".env")
             environ = dict(os.environ)
         env = {k: v for k, v in environ.items() if v != ""}
         return cls(
@@ -59,9 +59,16 @@ class Settings:
             use_local_models=_flag(env, "USE_LOCAL_MODELS", cls.use_local_models),
             hf_token=env.get("HF_TOKEN"),
             server_name=env.get("GRADIO_SERVER_NAME", cls.server_name),
-            server_port=_positive_int(env, "GRADIO_SERVER_PORT", cls.server_port),
+            server_port=_positive_int(env, "GRADIO_SERVER_PORT", cls.server_port, highest=65535),
             inference_api_url=env.get("DREAMSKETCH_INFERENCE_API_URL"),
         )
+
+
+def _load_dotenv(path: Path) -> None:
+    try:
+        load_dotenv(path, override=False)
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -71,12 +78,14 @@ def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: s
     return value
 
 
-def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+def _positive_int(env: dict[str, str], name: str, default: int, highest: int | None = None) -> int:
     raw = env.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise SettingsError(f"{name}={raw!r}: expected a whole number of at least 1")
+    digits = raw.isascii() and raw.isdigit()  # str.isdigit alone takes "²" and "٣"
+    if not digits or int(raw) < 1 or (highest is not None and int(raw) > highest):
+        rule = "of at least 1" if highest is None else f"from 1 to {highest}"
+        raise SettingsError(f"{name}={raw!r}: expected a whole number {rule}")
     return int(raw)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REQUIRED = ("id", "name", "source", "family", "width", "height", "steps", "guidance_scale")
 _OPTIONAL = ("scheduler", "description", "config", "prompts")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 MAX_PROMPT_CHARS = 2000  # a request's prompt limit too (a suggested prompt is a prompt)
 
 
@@ -93,12 +95,7 @@ class Registry:
 def load_registry(path: str | Path) -> Registry:
     """Read and validate a registry file. Local sources resolve against the file's folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read the registry ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"{path}: not valid YAML ({exc})") from None
+    data = _read_yaml(path)
     if not isinstance(data, list) or not data:
         raise RegistryError(f"{path}: expected a non-empty list of models")
     models: list[ModelSpec] = []
@@ -110,6 +107,60 @@ def load_registry(path: str | Path) -> Registry:
         seen.add(spec.id)
         models.append(spec)
     return Registry(models, path)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the registry ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return yaml.load(text, Loader=_RegistryLoader)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML at {_yaml_problem(exc, text)}") from None
+
+
+class _RegistryLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping and places a bad value (2024-13-45) in the file."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, str(exc), node.start_mark) from None
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        # the keys as written (SafeLoader puts `<<` merges' keys, which these may override, in front); super refuses
+        # a node that is not a mapping (`!!map x`)
+        written = [key for key, _ in node.value if key.tag != _MERGE_TAG] if isinstance(node, yaml.MappingNode) else []
+        mapping = super().construct_mapping(node, deep)
+        seen: set[Hashable] = set()
+        for key_node in written:
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return mapping
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error on one line (its own spans lines and names "<unicode string>"): where, what, and in what."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character, placed by its offset only
+        line = text.count("\n", 0, exc.position)
+        column = exc.position - text.rfind("\n", 0, exc.position) - 1
+        return f"{_at(line, column)}: character #x{exc.character:04x}: {exc.reason}"
+    assert isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark  # the loader's other errors all have a place
+    problem = f"{_at(exc.problem_mark.line, exc.problem_mark.column)}: {exc.problem}"
+    if exc.context and exc.context_mark:
+        problem += f" ({exc.context} at {_at(exc.context_mark.line, exc.context_mark.column)})"
+    return problem
+
+
+def _at(line: int, column: int) -> str:
+    """A 0-based place as people count it."""
+    return f"line {line + 1}, column {column + 1}"
 
 
 def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
@@ -145,8 +196,11 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
     if type(guidance) not in (int, float) or not 0 <= guidance <= 30:
         raise fail("guidance_scale", "must be a number from 0 to 30")
     scheduler = entry.get("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
         raise fail("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+    description = entry.get("description", "")
+    if not isinstance(description, str):
+        raise fail("description", "must be a string")
     source = _resolve_source(entry["source"], path.parent)
     if source != BUILTIN_TINY and source.startswith("builtin:"):
         raise fail("source", f"the only builtin source is {BUILTIN_TINY}")
@@ -173,7 +227,7 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
         steps=entry["steps"],
         guidance_scale=float(guidance),
         scheduler=scheduler,
-        description=str(entry.get("description", "")),
+        description=description,
         config=config,
         prompts=tuple(prompts),
     )

@@ -37,6 +37,10 @@ def test_shipped_registry_has_the_seed_models():
         ({"steps": 0}, "steps", "from 1 to 150"),
         ({"guidance_scale": 31}, "guidance_scale", "from 0 to 30"),
         ({"scheduler": "Fast"}, "scheduler", "must be one of"),
+        ({"scheduler": ["Euler"]}, "scheduler", "must be one of"),
+        ({"scheduler": {"Euler": 1}}, "scheduler", "must be one of"),
+        ({"description": [1, 2]}, "description", "must be a string"),
+        ({"description": None}, "description", "must be a string"),
         ({"source": ""}, "source", "non-empty"),
         ({"source": "builtin:huge"}, "source", "builtin:tiny"),
         ({"source": "not a repo id"}, "source", "not a Hub repo id"),
@@ -112,6 +116,49 @@ def test_unreadable_files(tmp_path):
         load_registry(bad)
 
 
+def test_registry_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"- id: caf\xe9\n")
+    with pytest.raises(RegistryError) as error:
+        load_registry(path)
+    assert str(error.value) == f"{path}: not UTF-8 text (invalid continuation byte at byte 9)"
+
+
+@pytest.mark.parametrize(
+    "text, place_and_problem",
+    [
+        (
+            "- id: a\n  name: [unclosed\n",
+            "line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 2, "
+            "column 9)",
+        ),
+        ("- !!python/object:os.system {}\n", "line 1, column 3: could not determine a constructor for the tag"),
+        ("- {id: a, {x: 1}: 2}\n", "line 1, column 11: found unhashable key (while constructing a mapping at line 1"),
+        ("- id: 2024-13-45\n", "line 1, column 7: month must be in 1..12"),
+        ("- id: a\x01\n", "line 1, column 8: character #x0001: special characters are not allowed"),
+        ("- id: a\n  name: a\n  id: b\n", "line 3, column 3: duplicate key 'id'"),
+        ("- id: a\n  prompts: [{x: 1, x: 2}]\n", "line 2, column 20: duplicate key 'x'"),
+    ],
+)
+def test_yaml_errors_are_one_line_with_the_place(tmp_path, text, place_and_problem):
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RegistryError) as error:
+        load_registry(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not valid YAML at {place_and_problem}") and "\n" not in message
+
+
+def test_merged_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "- &base {id: a, name: a, source: builtin:tiny, family: sd15, width: 128, height: 128, steps: 4, "
+        "guidance_scale: 7.5}\n- <<: *base\n  id: b\n  steps: 8\n",
+        encoding="utf-8",
+    )
+    assert [(spec.id, spec.steps) for spec in load_registry(path)] == [("a", 4), ("b", 8)]
+
+
 def test_source_kinds_resolve_relative_to_the_file(tmp_path):
     (tmp_path / "local-model").mkdir()
     path = write_registry(
@@ -164,6 +211,33 @@ def test_settings_from_env_and_errors():
     ]:
         with pytest.raises(SettingsError, match=name):
             Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "name, value, rule",
+    [
+        ("DREAMSKETCH_MAX_LOADED", "\u00b2", "expected a whole number of at least 1"),
+        ("DREAMSKETCH_QUEUE_SIZE", "\u0663", "expected a whole number of at least 1"),
+        ("GRADIO_SERVER_PORT", "0", "expected a whole number from 1 to 65535"),
+        ("GRADIO_SERVER_PORT", "65536", "expected a whole number from 1 to 65535"),
+    ],
+)
+def test_whole_number_settings_take_ascii_digits_in_range(name, value, rule):
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({name: value})
+    assert str(error.value) == f"{name}={value!r}: {rule}"
+
+
+def test_highest_port_is_accepted():
+    assert Settings.from_env({"GRADIO_SERVER_PORT": "65535"}).server_port == 65535
+
+
+def test_dotenv_file_that_is_not_utf8_names_the_file(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_bytes(b"DREAMSKETCH_QUEUE_SIZE=5\nNAME=caf\xe9\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env()
+    assert str(error.value) == f"{tmp_path / '.env'}: not UTF-8 text (invalid continuation byte at byte 33)"
 
 
 def test_dotenv_file_fills_in_but_environment_wins(tmp_path, monkeypatch):
