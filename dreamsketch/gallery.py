@@ -106,9 +106,10 @@ def format_parameters(meta: ImageMeta) -> str:
 
 
 def _param_pairs(meta: ImageMeta) -> list[tuple[str, str]]:
-    pairs = [
-        ("Steps", str(meta.steps)),
-        ("Sampler", meta.scheduler),
+    pairs = [("Steps", str(meta.steps))]
+    if meta.scheduler:  # "" where it is not known (the Inference API chose it)
+        pairs.append(("Sampler", meta.scheduler))
+    pairs += [
         ("CFG scale", _format_float(meta.guidance_scale)),
         ("Seed", str(meta.seed)),
         ("Size", f"{meta.width}x{meta.height}"),
@@ -256,7 +257,7 @@ def _convert(key: str, value: str) -> dict[str, Any] | None:
         return None
 
 
-_REQUIRED = ("steps", "sampler", "cfg_scale", "seed", "width", "height", "model")
+_REQUIRED = ("steps", "cfg_scale", "seed", "width", "height", "model")
 
 
 def meta_from_parameters(text: str) -> ImageMeta:
@@ -274,7 +275,7 @@ def meta_from_parameters(text: str) -> ImageMeta:
         steps=parsed["steps"],
         guidance_scale=parsed["cfg_scale"],
         seed=parsed["seed"],
-        scheduler=parsed["sampler"],
+        scheduler=parsed.get("sampler", ""),
         strength=parsed.get("denoising_strength"),
     )
 

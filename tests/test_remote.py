@@ -4,6 +4,7 @@ import base64
 import dataclasses
 import io
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,13 +12,17 @@ import pytest
 from PIL import Image
 
 from dreamsketch.engine import GenerationError
-from dreamsketch.gallery import read_parameters
+from dreamsketch.gallery import meta_from_parameters, read_parameters
+from dreamsketch.pipelines import ModelUnavailableError
+from dreamsketch.request import RequestError
 from dreamsketch.studio import Studio
+from tests.conftest import entry, write_registry
 
 
 class StandIn(BaseHTTPRequestHandler):
     requests: list[tuple[dict, dict]] = []
     status = 200
+    size = (128, 128)
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -27,7 +32,7 @@ class StandIn(BaseHTTPRequestHandler):
             self.end_headers()
             return
         buffer = io.BytesIO()
-        Image.new("RGB", (128, 128), (10, 200, 30)).save(buffer, format="PNG")
+        Image.new("RGB", StandIn.size, (10, 200, 30)).save(buffer, format="PNG")
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.end_headers()
@@ -44,6 +49,7 @@ def remote_studio(settings, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     StandIn.requests.clear()
     StandIn.status = 200
+    StandIn.size = (128, 128)
     url = f"http://127.0.0.1:{server.server_port}"
     yield Studio(dataclasses.replace(settings, use_local_models=False, inference_api_url=url, hf_token="hf_test"))
     server.shutdown()
@@ -83,3 +89,85 @@ def test_api_errors_are_reported_and_nothing_is_saved(remote_studio):
     with pytest.raises(GenerationError, match="the Inference API refused model 'tiny-demo' \\(503\\)"):
         remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
     assert remote_studio.gallery.count() == 0
+
+
+def test_a_model_left_to_the_service_records_no_sampler_name(remote_studio):
+    result = remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
+    assert "scheduler" not in StandIn.requests[0][1]["parameters"]
+    assert result.entries[0].meta.scheduler == ""  # the service's own, which it does not name
+    text = read_parameters(Image.open(remote_studio.gallery.folder / result.entries[0].file_name))
+    assert text is not None and "Sampler" not in text and "Default" not in text
+    assert meta_from_parameters(text) == result.entries[0].meta  # what an index rebuild reads back
+
+
+def test_a_scheduler_is_sent_by_its_diffusers_class_and_recorded(remote_studio):
+    result = remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1, "scheduler": "Euler a"}, "txt2img"))
+    assert StandIn.requests[0][1]["parameters"]["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert result.entries[0].meta.scheduler == "Euler a"
+
+
+@pytest.mark.parametrize(
+    ("mode", "scheduler", "rule"),
+    [
+        ("txt2img", "DPM++ 2M Karras", "the Inference API takes only Euler a, Euler, DPM++ 2M, DDIM, UniPC, LMS, Heun"),
+        ("img2img", "Euler", "the Inference API takes none for img2img (leave it Default)"),
+    ],
+)
+def test_a_scheduler_the_service_cannot_honour_is_refused(remote_studio, mode, scheduler, rule):
+    fields = {"prompt": "x", "seed": 1, "scheduler": scheduler}
+    if mode == "img2img":
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+        fields["image"] = buffer.getvalue()
+    with pytest.raises(RequestError, match=f"^field 'scheduler': {re.escape(rule)}"):
+        remote_studio.generate(remote_studio.parse(fields, mode))
+    assert StandIn.requests == [] and remote_studio.gallery.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("own", "sent", "recorded"), [("Euler", "EulerDiscreteScheduler", "Euler"), ("DPM++ 2M Karras", None, "")]
+)
+def test_the_registry_scheduler_is_sent_where_the_service_takes_it(remote_studio, monkeypatch, own, sent, recorded):
+    registry = remote_studio.engine.registry
+    spec = dataclasses.replace(registry.get("tiny-demo"), scheduler=own)
+    monkeypatch.setitem(registry.models, "tiny-demo", spec)
+    result = remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
+    assert StandIn.requests[0][1]["parameters"].get("scheduler") == sent
+    assert result.entries[0].meta.scheduler == recorded
+
+
+def test_a_picture_of_another_size_fails_and_nothing_is_saved(remote_studio):
+    StandIn.size = (64, 64)
+    request = remote_studio.parse({"prompt": "x", "seed": 1, "width": 128, "height": 64}, "txt2img")
+    with pytest.raises(GenerationError, match="^the Inference API returned a 64x64 picture for a 128x64 request$"):
+        remote_studio.generate(request)
+    assert remote_studio.gallery.count() == 0
+
+
+def test_an_unreachable_endpoint_is_reported(settings, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    url = f"http://127.0.0.1:{server.server_port}"
+    server.server_close()  # nothing listens there now
+    studio = Studio(dataclasses.replace(settings, use_local_models=False, inference_api_url=url))
+    with pytest.raises(GenerationError, match="^the Inference API could not be reached \\(ConnectError\\)$"):
+        studio.generate(studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
+
+
+@pytest.mark.parametrize(
+    ("model_id", "source"),
+    [("tiny-demo", "builtin:tiny"), ("a-folder", "./folder"), ("a-file", "folder/model.safetensors")],
+)
+def test_a_local_model_is_refused_before_any_network_work(settings, tmp_path, model_id, source):
+    models_file = write_registry(tmp_path / "remote.yaml", [entry(model_id, source)])
+    local = dataclasses.replace(settings, models_file=models_file, default_model=model_id, use_local_models=False)
+    studio = Studio(local)
+    shown = source if source == "builtin:tiny" else str((tmp_path / source).resolve())
+    message = re.escape(
+        f"model '{model_id}' is local ({shown}) and cannot run on the Inference API; "
+        "set USE_LOCAL_MODELS=true or pick a Hub model"
+    )
+    with pytest.raises(ModelUnavailableError, match=f"^{message}$"):
+        studio.generate(studio.parse({"prompt": "x", "model_id": model_id}, "txt2img"))
+    with pytest.raises(ModelUnavailableError, match=f"^{message}$"):
+        studio.engine.preload(model_id)
