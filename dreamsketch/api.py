@@ -61,6 +61,8 @@ INTERNAL_ERROR = "internal server error; the details are in the server log"
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
 _DIGITS = re.compile(r"[0-9]{1,6}")
 _NO_CONTROL = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 # Shown until the Swagger UI's script (loaded just before it) turns out to be there.
 OFFLINE_DOCS_NOTE = """
@@ -331,16 +333,20 @@ def form_number(name: str, text: str) -> int | float | None:
 
 
 def decode_image(value: Any) -> bytes:
-    """Bytes from a base64 data URL ("data:image/png;base64,...") or bare base64."""
+    """Bytes from a base64 data URL ("data:image/png;base64,...") or bare base64, standard or URL-safe, with or
+    without its "=" padding."""
     if not isinstance(value, str):
         raise RequestError("image", "must be a base64 data URL string (data:image/png;base64,...)")
+    if _URL.match(value):
+        raise RequestError("image", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)")
     payload = value
     if value[:5].lower() == "data:":
         header, comma, payload = value.partition(",")
         if not comma or not header.lower().endswith(";base64"):
             raise RequestError("image", "must be a base64 data URL (data:image/png;base64,...)")
+    payload = "".join(payload.split()).translate(_URL_SAFE_TO_STANDARD)
     try:
-        return base64.b64decode("".join(payload.split()), validate=True)
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("image", "not valid base64") from None
 

@@ -31,7 +31,7 @@ from dreamsketch.request import (
     MIN_SIDE,
     RequestError,
 )
-from dreamsketch.schedulers import SCHEDULERS
+from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 
 class OptionError(ValueError):
@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument(
         "--scheduler",
-        choices=list(SCHEDULERS),
+        choices=[DEFAULT_SCHEDULER, *SCHEDULERS],
         metavar="NAME",
-        help=f"the sampler: {', '.join(SCHEDULERS)} (default: the model's own)",
+        help=f"the sampler: {', '.join(SCHEDULERS)}, or {DEFAULT_SCHEDULER} for the model's own (the default)",
     )
     generate.add_argument("--batch-size", type=int, help=f"pictures to make, 1..{MAX_BATCH} (default: 1)")
     generate.add_argument(
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def generate(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
@@ -184,7 +187,7 @@ def generate(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untype
         path = studio.gallery.folder / entry.file_name
         if targets:
             try:
-                shutil.copyfile(path, targets[index])
+                copy_whole(path, targets[index])
             except OSError as exc:
                 raise OptionError(
                     "--output", f"could not write {targets[index]} ({exc.strerror or exc}); the picture is {path}"
@@ -200,6 +203,16 @@ def read_image(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise RequestError("image", f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def copy_whole(source: Path, target: Path) -> None:
+    """Copy by way of a temporary file beside the target, so that an interrupted copy leaves no half-written target."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def output_targets(output: Path, count: int) -> list[Path]:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dreamsketch.registry import MAX_PROMPT_CHARS, ModelSpec, Registry
 from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -183,7 +183,7 @@ def _number(
     # compared exactly: an int too large for a float is simply out of range
     if not (low <= value if low_included else low < value) or value > high:
         raise RequestError(name, f"must be {bounds} (got {_shown(value)})")
-    return float(value)
+    return float(value) or 0.0  # -0.0 becomes 0.0, which metadata writes as "0" rather than "-0"
 
 
 def _shown(value: float) -> str:
@@ -206,10 +206,10 @@ def _check_area(spec: ModelSpec, width: int, height: int) -> None:
 
 
 def check_image(value: Any) -> Image.Image:
-    """An RGB image from PNG/JPEG/WebP bytes or a PIL image, within the size and pixel limits."""
+    """An RGB image from PNG/JPEG/WebP bytes or a PIL image, within the size and pixel limits, as viewers show it."""
     if isinstance(value, Image.Image):
         _check_pixels(value.width, value.height)
-        return value.convert("RGB")
+        return _as_shown(value)
     if not isinstance(value, bytes | bytearray):
         raise RequestError("image", "must be a PNG, JPEG or WebP file")
     if not value:
@@ -220,13 +220,23 @@ def check_image(value: Any) -> Image.Image:
         with Image.open(io.BytesIO(value), formats=IMAGE_FORMATS) as opened:
             _check_pixels(opened.width, opened.height)
             opened.load()
-            return opened.convert("RGB")
+            return _as_shown(opened)
     except RequestError:
         raise
     except Image.DecompressionBombError:
         raise RequestError("image", f"at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
     except (OSError, SyntaxError, ValueError):
         raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
+
+
+def _as_shown(image: Image.Image) -> Image.Image:
+    """RGB turned upright by its EXIF orientation, with any transparency flattened onto white (as AUTOMATIC1111
+    flattens img2img input)."""
+    image = ImageOps.exif_transpose(image)
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, "white")
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def _check_pixels(width: int, height: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.load import server_process
-from dreamsketch.cli import build_parser, main
+from dreamsketch.cli import build_parser, copy_whole, main
 from dreamsketch.engine import LocalEngine
 from dreamsketch.gallery import read_parameters
 from dreamsketch.request import MAX_BATCH, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
@@ -150,6 +150,62 @@ def test_models_table_lines_up_for_any_ids_and_sizes(tmp_path, cli, monkeypatch)
         starts = {row.index(cell) for row, cell in zip(rows, column, strict=True)}
         assert len(starts) == 1, out
     assert all(line == line.rstrip() for line in out.splitlines())
+
+
+def test_default_scheduler_and_negative_zero_cfg(tmp_path, cli):
+    args = ["generate", "x", "--model", "tiny-demo", "--steps", "1", "--width", "64", "--height", "64"]
+    code, _out, err = cli(*args, "--scheduler", "Default", "--cfg", "-0.0", "--output", "x.png")
+    assert code == 0, err
+    parameters = read_parameters(Image.open(tmp_path / "x.png"))
+    assert "Sampler: Euler a, CFG scale: 0, Seed:" in parameters, parameters  # tiny-demo's own scheduler
+
+
+def test_generate_interrupted_says_so_in_one_line_and_writes_nothing(tmp_path):
+    """Ctrl-C once the steps have begun: one line, exit status 130, no picture and no temporary file anywhere (the
+    gallery's index is made at start)."""
+    env = {**os.environ, "DREAMSKETCH_MODELS_FILE": str(REPO_ROOT / "models.yaml"), "HF_HUB_OFFLINE": "1"}
+    env["DREAMSKETCH_OUTPUT_DIR"] = str(tmp_path / "outputs")
+    args = ["generate", "x", "--model", "tiny-demo", "--steps", "150", "--output", "x.png"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dreamsketch", *args],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as in a background job
+    )
+    assert process.stderr is not None
+    shown = b""
+    while not re.search(rb" [1-9][0-9]*/150 ", shown):  # a step done: generation has started
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, shown.decode()
+        shown += chunk
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    err = (shown + rest).decode()
+    assert process.returncode == 130, err
+    assert err.rstrip().endswith("\ninterrupted") and "Traceback" not in err, err
+    assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == ["gallery.sqlite3"], err
+    assert "/150 " in err and "150/150" not in err, err  # stopped mid-steps
+
+
+def test_an_interrupted_output_copy_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    source, target = tmp_path / "new.png", tmp_path / "out.png"
+    source.write_bytes(b"new picture")
+    target.write_bytes(b"old picture")
+
+    def copy_half_then_interrupt(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("shutil.copyfile", copy_half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        copy_whole(source, target)
+    assert target.read_bytes() == b"old picture"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new.png", "out.png"]
+    monkeypatch.undo()
+    copy_whole(source, target)
+    assert target.read_bytes() == b"new picture"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new.png", "out.png"]
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

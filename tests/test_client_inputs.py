@@ -3,6 +3,7 @@ with an error that names the problem, the server keeps answering, and nothing re
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -159,3 +160,19 @@ def test_uploads_over_20_mb_are_refused(server: RunningServer) -> None:
     big = b"\x89PNG\r\n\x1a\n" + b"\x00" * (20 * 1024 * 1024 + 1)
     reply = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("big.png", big)}, timeout=60)
     assert reply.status_code == 413 and "Traceback" not in reply.text, (reply.status_code, reply.text[:200])
+
+
+def test_img2img_json_image_as_url_or_loose_base64(server: RunningServer) -> None:
+    """The HTTP API's JSON `image` (its other cases are in test_api.py): a URL is refused with what to send instead;
+    base64 without its padding, or in the URL-safe alphabet, is read."""
+    body = {"prompt": "x", **FAST, "strength": 1.0}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        reply = http.post("/api/img2img", json={**body, "image": "https://example.com/cat.png"})
+        assert reply.status_code == 400 and reply.json()["error"] == (
+            "field 'image': URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"
+        )
+        padded = base64.urlsafe_b64encode(image_bytes("PNG", (63, 64))).decode()
+        loose = padded.rstrip("=")
+        assert loose != padded and "-" in loose  # it tests what it says
+        reply = http.post("/api/img2img", json={**body, "image": f"data:image/png;base64,{loose}"})
+        assert reply.status_code == 200, reply.text

@@ -1,3 +1,4 @@
+import base64
 import io
 import math
 import zlib
@@ -5,6 +6,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from dreamsketch.api import decode_image
 from dreamsketch.registry import load_registry
 from dreamsketch.request import MAX_SEED, RequestError, check_image, parse_request
 from dreamsketch.schedulers import SCHEDULERS
@@ -88,6 +90,12 @@ def test_values_outside_the_bounds_name_field_and_rule(registry, field, bad, rul
         assert str(error.value).startswith(f"field '{field}': ") and rule in str(error.value)
 
 
+def test_negative_zero_guidance_is_zero(registry):
+    for value in (-0.0, 0, 0.0):
+        guidance = parse(registry, guidance_scale=value).guidance_scale
+        assert guidance == 0.0 and math.copysign(1, guidance) == 1 and f"{guidance:g}" == "0"
+
+
 def test_area_is_bounded_by_four_times_native(registry):
     assert parse(registry, width=256, height=256).width == 256
     with pytest.raises(RequestError, match="4x the model's native area"):
@@ -159,3 +167,89 @@ def test_random_seed_is_drawn_and_batch_seeds_follow(registry):
     assert 0 <= request.seed <= MAX_SEED
     assert request.image_seeds() == [(request.seed + i) % 2**32 for i in range(3)]
     assert parse(registry, seed=MAX_SEED, batch_size=2).image_seeds() == [MAX_SEED, 0]
+
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def left_and_right(image):
+    """The colours at the middle of the left and of the right edge."""
+    return image.getpixel((1, image.height // 2)), image.getpixel((image.width - 2, image.height // 2))
+
+
+def close(colour, expected):
+    return all(abs(a - b) <= 24 for a, b in zip(colour, expected, strict=True))
+
+
+def test_exif_orientation_is_applied_before_the_resize(registry):
+    shown = Image.new("RGB", (48, 24), BLUE)
+    shown.paste(RED, (0, 0, 24, 24))
+    exif = Image.Exif()
+    exif[274] = 6  # Orientation: turn 90 degrees clockwise to show, as phones store a portrait photo
+    buffer = io.BytesIO()
+    shown.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", quality=95, exif=exif)
+    image = check_image(buffer.getvalue())
+    assert image.size == (48, 24)
+    resized = parse(registry, "img2img", image=buffer.getvalue(), width=128, height=64).image
+    for left, right in (left_and_right(image), left_and_right(resized)):
+        assert close(left, RED) and close(right, BLUE), (left, right)
+
+
+def half_transparent(mode):
+    """A PNG whose left half is opaque red and whose right half is transparent black."""
+    image = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
+    image.paste((*RED, 255), (0, 0, 8, 8))
+    buffer = io.BytesIO()
+    if mode in ("RGBA", "LA"):
+        image.convert(mode).save(buffer, format="PNG")
+    else:  # a palette, RGB or L image with a tRNS chunk naming its transparent colour
+        flat = image.convert(mode, palette=Image.Palette.ADAPTIVE, colors=2) if mode == "P" else image.convert(mode)
+        flat.save(buffer, format="PNG", transparency=flat.getpixel((12, 4)))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "RGB", "LA", "L"])
+def test_transparent_areas_become_white(mode):
+    image = check_image(half_transparent(mode))
+    grey = Image.new("RGB", (1, 1), RED).convert("L").getpixel((0, 0))
+    assert left_and_right(image) == (RED if mode in ("RGBA", "P", "RGB") else (grey,) * 3, WHITE)
+
+
+def test_transparency_of_a_pil_image_blends_with_white():
+    image = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
+    image.paste((*RED, 255), (0, 0, 8, 8))
+    image.paste((0, 0, 0, 128), (4, 0, 8, 8))
+    assert check_image(image).getpixel((1, 4)) == RED
+    assert check_image(image).getpixel((5, 4)) == (127, 127, 127)
+    assert check_image(image).getpixel((12, 4)) == WHITE
+
+
+# base64 of these bytes uses both characters that differ in the URL-safe alphabet, and needs padding
+RAW = b"\xfb\xff\xbf\xfe"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["+/+//g==", "+/+//g", "-_-__g==", "-_-__g", "data:image/png;base64,-_-__g", "DATA:image/png;BASE64,+/+/\n/g"],
+)
+def test_base64_without_padding_or_url_safe_is_decoded(text):
+    assert base64.b64encode(RAW) == b"+/+//g=="
+    assert decode_image(text) == RAW
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("https://example.com/cat.png", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
+        ("HTTP://example.com/cat.png", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
+        ("file:///etc/passwd", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
+        ("+/+//", "not valid base64"),
+        ("@@@@", "not valid base64"),
+        ("data:image/png,abc", "must be a base64 data URL (data:image/png;base64,...)"),
+        (5, "must be a base64 data URL string (data:image/png;base64,...)"),
+    ],
+)
+def test_what_decode_image_refuses(text, rule):
+    with pytest.raises(RequestError) as error:
+        decode_image(text)
+    assert str(error.value) == f"field 'image': {rule}"
