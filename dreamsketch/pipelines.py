@@ -28,7 +28,7 @@ from diffusers import (
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from dreamsketch.config import Settings
+from dreamsketch.config import Settings, SettingsError
 from dreamsketch.fastpath import apply_fast_path, warm_up
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
 from dreamsketch.schedulers import make_scheduler
@@ -68,6 +68,10 @@ class LoadedModel:
 
 
 def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"DREAMSKETCH_DEVICE='cuda': torch {torch.__version__} finds no CUDA device here")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError(f"DREAMSKETCH_DEVICE='mps': torch {torch.__version__} finds no MPS device here")
     if setting != "auto":
         return torch.device(setting)
     if torch.cuda.is_available():
@@ -162,11 +166,24 @@ def hub_unusable() -> str:
 
 
 def unavailable_message(spec: ModelSpec, reason: str) -> str:
-    return (
-        f"Model '{spec.id}' ({spec.source}) cannot be loaded: {reason}. "
-        "Connect to the internet, set HF_TOKEN for gated models, point `source` in the registry at a local copy, "
-        "or use tiny-demo."
-    )
+    if spec.source_kind == "hub":
+        advice = "Connect to the internet, set HF_TOKEN for gated models, point `source` in the registry at a local "
+    else:
+        advice = "Check `source` (and `config`) in the registry, point them at a working "
+    return f"Model '{spec.id}' ({spec.source}) cannot be loaded: {reason}. {advice}copy, or use tiny-demo."
+
+
+def check_family(spec: ModelSpec, pipe: Any) -> None:
+    """Weights of one family loaded as another (an SD 1.5 folder registered as sdxl) load without complaint and
+    fail at the first picture: refuse them now, before they take a loaded model's place."""
+    sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    needed = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2") if sdxl else ("tokenizer", "text_encoder")
+    if sdxl != (spec.family == "sdxl") or any(getattr(pipe, name, None) is None for name in needed):
+        kind = "SDXL" if sdxl else "SD 1.x/2.x"
+        reason = (
+            f"its UNet is {kind}'s, which does not fit `family: {spec.family}` (or a part of the pipeline is missing)"
+        )
+        raise ModelUnavailableError(unavailable_message(spec, reason))
 
 
 class PipelineCache:
@@ -208,16 +225,15 @@ class PipelineCache:
         log.info("unloaded %s", model_id)
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
-        """Loaded models make room only for a model that loads: not before its weights are found and (on CUDA) read
-        into host memory, where missing, gated or damaged weights fail; but before they go onto the device, which
-        may not hold two. On the CPU and MPS the host's memory is the device's: room is made before reading."""
+        """Loaded models make room only for a model that loads: not before its weights are found, read into host
+        memory and checked, where missing, gated, damaged or misregistered weights fail; but before they go onto
+        the device, which may not hold two. (On the CPU both are in memory for a moment.)"""
         if not is_available(spec):
             raise ModelUnavailableError(unavailable_message(spec, unavailable_reason(spec)))
         log.info("loading %s from %s on %s (%s)", spec.id, spec.source, self.device, self.dtype)
-        if self.device.type != "cuda":
-            self.make_room()
         txt2img_class, img2img_class = PIPELINE_CLASSES[spec.family]
         txt2img = self._load_txt2img(spec, txt2img_class)
+        check_family(spec, txt2img)
         self.make_room()
         txt2img = txt2img.to(self.device)
         txt2img.set_progress_bar_config(disable=True)

@@ -92,9 +92,9 @@ def test_a_model_that_cannot_load_pushes_out_no_loaded_model(hub_settings):
     assert studio.engine.cache.loaded["cached-hub"] is model
 
 
-def test_damaged_weights_fail_before_the_loaded_model_makes_room_on_cuda(settings, tmp_path, tiny_pipeline_dir):
-    """On CUDA the weights are read into host memory before anything leaves the device: damaged ones fail there.
-    (On the CPU reading them is putting them on the device, so room is made first.)"""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_damaged_weights_fail_before_the_loaded_model_makes_room(settings, tmp_path, tiny_pipeline_dir, device):
+    """The weights are read into host memory before anything leaves the device: damaged ones fail there."""
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_pipeline_dir, damaged)
     for weights in damaged.glob("unet/*.safetensors"):
@@ -104,10 +104,36 @@ def test_damaged_weights_fail_before_the_loaded_model_makes_room_on_cuda(setting
     )
     engine = LocalEngine(settings, load_registry(registry))
     engine.preload("tiny-demo")
-    engine.cache.device = torch.device("cuda")  # the failure comes before anything would go onto it
-    with pytest.raises(ModelUnavailableError, match="'damaged'.*could not be read"):
+    engine.cache.device = torch.device(device)  # the failure comes before anything would go onto it
+    with pytest.raises(ModelUnavailableError, match="'damaged'.*could not be read.*Check `source`") as refused:
         engine.preload("damaged")
     assert engine.loaded_ids() == ["tiny-demo"]
+    assert "internet" not in str(refused.value)  # a local folder: connecting would not help
+
+
+@pytest.mark.parametrize(("family", "kind"), [("sdxl", "SD 1.x/2.x"), ("sd15", "SDXL")])
+def test_weights_registered_as_another_family_are_refused_and_leave_the_loaded_model(
+    settings, tmp_path, tiny_pipeline_dir, family, kind
+):
+    """An SD 1.5 folder registered as sdxl loaded as an SDXL pipeline without tokenizers, reported itself ready,
+    took the loaded model's place and failed every request with an AttributeError."""
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "tiny-sdxl")
+    source = str(tiny_pipeline_dir if family == "sdxl" else tmp_path / "tiny-sdxl")
+    registry = write_registry(
+        tmp_path / "mixed.yaml", [entry("tiny-demo", "builtin:tiny"), entry("mislabelled", source, family=family)]
+    )
+    engine = LocalEngine(settings, load_registry(registry))
+    engine.preload("tiny-demo")
+    with pytest.raises(ModelUnavailableError, match=f"'mislabelled'.*UNet is {kind}'s.*`family: {family}`"):
+        engine.preload("mislabelled")
+    assert engine.loaded_ids() == ["tiny-demo"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs neither device")
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_that_is_not_there_fails_at_start_naming_the_setting(settings, device):
+    with pytest.raises(ValueError, match=f"DREAMSKETCH_DEVICE='{device}': .* finds no"):
+        Studio(dataclasses.replace(settings, device=device))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
