@@ -18,4 +18,7 @@ except (SettingsError, RegistryError, OSError) as exc:  # a setting, the registr
 app, demo = create_server(studio)
 
 if __name__ == "__main__":
-    serve(studio, app)
+    try:
+        serve(studio, app)
+    except SettingsError as exc:  # the address cannot be listened on
+        raise SystemExit(f"error: {exc}") from None

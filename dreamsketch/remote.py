@@ -83,6 +83,8 @@ class RemoteEngine:
             raise GenerationError(f"the Inference API refused model '{spec.id}' ({status})") from None
         except (OSError, TransportError) as exc:
             raise GenerationError(f"the Inference API could not be reached ({exc.__class__.__name__})") from None
+        except ValueError as exc:  # huggingface_hub's own refusal, e.g. a model whose Hub task is text-to-image only
+            raise GenerationError(f"the Inference API cannot run model '{spec.id}': {exc}") from None
         width, height = image.size
         if (width, height) != (request.width, request.height):
             raise GenerationError(

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dreamsketch.api import basic_auth_ok, create_app, error_reply
+from dreamsketch.config import Settings, SettingsError
 from dreamsketch.gallery import Gallery
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.studio import Studio
@@ -75,6 +76,9 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
     studio = studio or Studio()
     settings = studio.settings
     app = create_app(studio)
+    # Gallery PNGs are served where they lie (never changed once written); else Gradio copied each picture it
+    # showed or returned into its cache, for good. (The Guard decides which of the folder's files are served.)
+    gr.set_static_paths([studio.gallery.folder])
     demo = build_demo(studio)
     # Waiting events beyond queue_size get Gradio's "queue is full" error; generations share the "gpu" queue.
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
@@ -133,6 +137,7 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     if app is None:
         app, _demo = create_server(studio)
     settings = studio.settings
+    sock = listen(settings)
     log.info("gallery: %s (%d images)", studio.gallery.folder, studio.gallery.count())
     if settings.auth:
         log.info("sign-in required (DREAMSKETCH_AUTH)")
@@ -140,14 +145,21 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
     # Open streams (a browser tab's heartbeat, the MCP server's connection to this app) never close by themselves:
     # without a limit, Ctrl-C or SIGTERM waited for them forever.
-    config = uvicorn.Config(
-        app,
-        host=settings.server_name,
-        port=settings.server_port,
-        log_level="info",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
-    StudioServer(config, studio).run()
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    StudioServer(config, studio).run(sockets=[sock])
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The server's socket, bound here so that a port in use is one line naming the setting, before the start-up
+    message (uvicorn announced the address, then failed)."""
+    host, port = settings.server_name, settings.server_port
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise SettingsError(
+            f"GRADIO_SERVER_NAME={host!r}, GRADIO_SERVER_PORT={port}: cannot listen there ({exc.strerror or exc})"
+        ) from None
 
 
 class StudioServer(uvicorn.Server):

@@ -52,6 +52,8 @@ def choose_default_model(settings: Settings, registry: Registry) -> str:
             )
         log.info("default model: %s (DREAMSKETCH_DEFAULT_MODEL)", settings.default_model)
         return settings.default_model
+    if not settings.use_local_models:
+        return remote_default_model(settings, registry)
     for spec in registry:
         if spec.id not in OFFLINE_MODELS and spec.source_kind != "builtin" and is_available(spec):
             log.info("default model: %s (its weights are usable now)", spec.id)
@@ -61,6 +63,16 @@ def choose_default_model(settings: Settings, registry: Registry) -> str:
             log.info("default model: %s (no other model's weights are cached or downloadable now)", model_id)
             return model_id
     raise SettingsError(f"{registry.path}: no model is usable now; add tiny-demo (source: builtin:tiny)")
+
+
+def remote_default_model(settings: Settings, registry: Registry) -> str:
+    """With USE_LOCAL_MODELS=false: the first Hub model (the Inference API runs those only), or the first model at
+    all for an endpoint of one's own (DREAMSKETCH_INFERENCE_API_URL, which serves whatever it serves)."""
+    for spec in registry:
+        if settings.inference_api_url or spec.source_kind == "hub":
+            log.info("default model: %s (the first the Inference API can run)", spec.id)
+            return spec.id
+    raise SettingsError(f"USE_LOCAL_MODELS=false: no model in {registry.path} has a Hub repo id as its source")
 
 
 class Studio:

@@ -42,6 +42,7 @@ GPU_CONCURRENCY = 1 if os.environ.get("SPACES_ZERO_GPU") else MAX_BATCH_IMAGES
 GALLERY_PAGE = 24
 # A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
 PREVIEW_INTERVAL_S = 0.1
+UPLOADS_KEPT = (3600, 86400)  # Gradio's copies of uploads and previews: looked at hourly, deleted after a day
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 # Failures whose own message is what the user needs (RequestError is a ValueError; GalleryError: disk full, read-only)
 USER_ERRORS = (ValueError, ModelUnavailableError, GenerationError, StudioBusy, GalleryError)
@@ -865,7 +866,7 @@ def page_url(request: gr.Request) -> str:
 
 def build_demo(studio: Studio) -> gr.Blocks:
     handlers = Handlers(studio)
-    with gr.Blocks(title="DreamSketch") as demo:
+    with gr.Blocks(title="DreamSketch", delete_cache=UPLOADS_KEPT) as demo:
         gr.Markdown("# DreamSketch\nText-to-image and image-to-image on your own machine.", elem_classes="ds-header")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):

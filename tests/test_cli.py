@@ -2,6 +2,7 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,21 @@ def test_a_start_up_mistake_is_one_line_not_a_traceback(tmp_path, command):
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: DREAMSKETCH_MAX_LOADED='abc'"), done.stderr
+
+
+@pytest.mark.parametrize("command", [["app.py"], ["-m", "dreamsketch", "serve"]])
+def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path, command):
+    """uvicorn announced the address, then failed with its own message and status 3."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port)}
+        env["DREAMSKETCH_OUTPUT_DIR"] = str(tmp_path / "outputs")
+        done = subprocess.run(
+            [sys.executable, *command], env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+        )
+    assert done.returncode not in (0, 3) and "Traceback" not in done.stderr and "DreamSketch on" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: GRADIO_SERVER_NAME='127.0.0.1', GRADIO_SERVER_PORT={port}: cannot listen"), last
 
 
 def test_serve_logs_what_it_uses_and_stops_on_sigterm_while_a_browser_tab_is_open(tmp_path):

@@ -11,11 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from dreamsketch.config import SettingsError
 from dreamsketch.engine import GenerationError
 from dreamsketch.gallery import meta_from_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
+from dreamsketch.registry import load_registry
 from dreamsketch.request import RequestError
-from dreamsketch.studio import Studio
+from dreamsketch.studio import Studio, choose_default_model
 from tests.conftest import entry, write_registry
 
 
@@ -171,3 +173,30 @@ def test_a_local_model_is_refused_before_any_network_work(settings, tmp_path, mo
         studio.generate(studio.parse({"prompt": "x", "model_id": model_id}, "txt2img"))
     with pytest.raises(ModelUnavailableError, match=f"^{message}$"):
         studio.engine.preload(model_id)
+
+
+def test_a_model_the_service_cannot_run_is_one_line(remote_studio, monkeypatch):
+    """huggingface_hub refuses a task the model's Hub page does not list with a ValueError (was a traceback)."""
+    refusal = "Model 'a/b' doesn't support task 'image-to-image'. Supported tasks: 'text-to-image'."
+
+    def refuse(*args, **kwargs):
+        raise ValueError(refusal)
+
+    monkeypatch.setattr(remote_studio.engine.client, "text_to_image", refuse)
+    with pytest.raises(
+        GenerationError, match=f"^the Inference API cannot run model 'tiny-demo': {re.escape(refusal)}$"
+    ):
+        remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
+
+
+def test_the_default_model_is_one_the_service_can_run(settings, tmp_path):
+    models = [entry("tiny-demo", "builtin:tiny"), entry("hub-model", "org/model")]
+    remote = dataclasses.replace(
+        settings, models_file=write_registry(tmp_path / "both.yaml", models), default_model=None, use_local_models=False
+    )
+    assert choose_default_model(remote, load_registry(remote.models_file)) == "hub-model"
+    own_endpoint = dataclasses.replace(remote, inference_api_url="http://127.0.0.1:9")
+    assert choose_default_model(own_endpoint, load_registry(remote.models_file)) == "tiny-demo"
+    local_only = dataclasses.replace(remote, models_file=write_registry(tmp_path / "local.yaml", models[:1]))
+    with pytest.raises(SettingsError, match="USE_LOCAL_MODELS=false: no model in .* has a Hub repo id"):
+        choose_default_model(local_only, load_registry(local_only.models_file))

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
@@ -75,6 +76,15 @@ def test_txt2img_by_keyword(client: Client, server: RunningServer) -> None:
         with Image.open(item["image"]) as image:
             assert image.size == (128, 128)
         assert server.studio.gallery.get(entry_id) is not None
+
+
+def test_pictures_are_served_from_the_gallery_not_copied_into_gradios_cache(
+    client: Client, server: RunningServer
+) -> None:
+    """Gradio copied every picture it returned into its upload folder and never deleted the copies."""
+    _images, info = client.predict(prompt="served in place", **FAST, api_name="/txt2img")
+    file_name = server.studio.gallery.get(info["ids"][0]).file_name
+    assert list(Path(get_upload_folder()).rglob(file_name)) == []
 
 
 def test_img2img_by_keyword(client: Client, tmp_path: Path) -> None:
