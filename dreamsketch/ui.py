@@ -423,9 +423,11 @@ class Handlers:
             progress((0, request.denoising_steps), desc="Waiting for the device", unit="steps")
             async for item in run_generation(self.generate, request, previews=True):
                 if isinstance(item, Progressed):
+                    # Each yield hides Gradio's progress bar until the next progress message: yield only with a
+                    # preview, and before the progress, so that the bar shows for the rest of the step.
+                    if item.preview is not None:
+                        yield item.preview.resize((request.width, request.height)), gr.skip(), gr.skip()
                     progress((item.step, item.total), desc="Denoising", unit="steps")
-                    preview = item.preview.resize((request.width, request.height)) if item.preview else gr.skip()
-                    yield preview, gr.skip(), gr.skip()
                 else:
                     for warning in item.warnings:
                         gr.Warning(html.escape(warning, quote=False))
