@@ -259,10 +259,9 @@ def preload(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
 def models(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     rows = [("ID", "FAMILY", "SIZE", "WEIGHTS", "NAME")]
     for model in studio.models():
-        usable = "usable now" if model["available"] else "not cached"
         default = "  (default)" if model["id"] == studio.default_model else ""
         size = f"{model['width']}x{model['height']}"
-        rows.append((model["id"], model["family"], size, usable, f"{model['name']}{default}"))
+        rows.append((model["id"], model["family"], size, model["weights"], f"{model['name']}{default}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]))

@@ -129,6 +129,15 @@ def is_available(spec: ModelSpec) -> bool:
     return is_cached(spec.source) or hub_reachable()
 
 
+def weights_state(spec: ModelSpec) -> str:
+    """Where a model's weights stand, in the words the browser and the CLI show."""
+    if spec.source_kind == "hub" and not is_cached(spec.source):
+        return "needs download" if hub_reachable() else "not cached, Hub offline"
+    if is_available(spec):
+        return "ready offline"
+    return "configs not found" if Path(spec.source).exists() else "missing"
+
+
 def config_available(spec: ModelSpec) -> bool:
     """Whether a single file's `config` can be read now. Without one, diffusers picks a Hub repo from the
     checkpoint's contents and uses it when cached or downloadable; that is known only when loading."""

@@ -18,7 +18,7 @@ from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
 from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
-from dreamsketch.pipelines import is_available
+from dreamsketch.pipelines import is_available, weights_state
 from dreamsketch.registry import Registry, load_registry
 from dreamsketch.remote import RemoteEngine
 from dreamsketch.request import GenerationRequest, Mode, parse_request
@@ -102,7 +102,8 @@ class Studio:
         """Run the request, then save its images to the gallery (outside the device lock).
 
         Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting behind the running one, counting
-        only requests without `own_queue`: Gradio's events come through Gradio's queue, which has the same bound."""
+        only requests without `own_queue` (Gradio's events come through Gradio's queue, which has the same bound),
+        or when the server is shutting down; GenerationCancelled when `cancel` is set, up to the save."""
         cancel = cancel or threading.Event()
         with self._pending_lock:
             if self.closing.is_set():
@@ -159,6 +160,7 @@ class Studio:
                 "guidance_scale": spec.guidance_scale,
                 "loaded": spec.id in loaded,
                 "available": is_available(spec),
+                "weights": weights_state(spec),
             }
             for spec in self.registry
         ]

@@ -256,9 +256,7 @@ def result_info(result: StudioResult) -> dict[str, Any]:
 
 def model_choices(studio: Studio) -> list[tuple[str, str]]:
     def state(model: dict[str, Any]) -> str:
-        if model["loaded"]:
-            return "loaded"
-        return "ready offline" if model["available"] else "needs download"
+        return "loaded" if model["loaded"] else str(model["weights"])
 
     return [(f"{m['name']} · {state(m)}", m["id"]) for m in studio.models()]
 

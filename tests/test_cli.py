@@ -61,7 +61,7 @@ def test_img2img_batch_and_errors(tmp_path):
 def test_models_and_preload_report_what_is_usable(tmp_path):
     listing = run_cli(tmp_path, "models")
     assert listing.returncode == 0
-    for text in ("tiny-demo", "stable-diffusion-v1-5", "not cached", "(default)"):
+    for text in ("tiny-demo", "stable-diffusion-v1-5", "not cached, Hub offline", "(default)"):
         assert text in listing.stdout
     preload = run_cli(tmp_path, "preload", "--models", "tiny-demo", "stable-diffusion-v1-5")
     assert preload.returncode == 1
@@ -145,7 +145,7 @@ def test_models_table_lines_up_for_any_ids_and_sizes(tmp_path, cli, monkeypatch)
     assert len(rows) == 3
     for column in (
         [f"{e['width']}x{e['height']}" for e in registry],
-        ["not cached", "usable now", "usable now"],
+        ["not cached, Hub offline", "ready offline", "ready offline"],
         [e["name"] for e in registry],
     ):
         starts = {row.index(cell) for row, cell in zip(rows, column, strict=True)}

@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
+import dreamsketch.pipelines
 from dreamsketch.engine import LocalEngine, batch_key
 from dreamsketch.pipelines import ModelUnavailableError, is_available
 from dreamsketch.registry import load_registry
@@ -189,6 +190,26 @@ def test_missing_local_sources_say_where_they_point(tmp_path, settings):
     for model_id in ("gone-folder", "gone-file"):
         with pytest.raises(ModelUnavailableError, match=f"'{model_id}'.*not where `source` points"):
             engine.preload(model_id)
+
+
+def test_models_say_where_their_weights_stand(hub_settings, tmp_path, monkeypatch):
+    """A missing local folder was shown as "needs download" (the browser) or "not cached" (the CLI)."""
+    models = [
+        entry("uncached-hub", "nobody-here/not-cached"),
+        entry("cached-hub", TINY_REPO),
+        entry("tiny-demo", "builtin:tiny"),
+        entry("gone-folder", str(tmp_path / "no-such-folder")),
+    ]
+    registry = write_registry(tmp_path / "all.yaml", models)
+    studio = Studio(dataclasses.replace(hub_settings, models_file=registry))
+    assert {m["id"]: m["weights"] for m in studio.models()} == {
+        "uncached-hub": "not cached, Hub offline",
+        "cached-hub": "ready offline",
+        "tiny-demo": "ready offline",
+        "gone-folder": "missing",
+    }
+    monkeypatch.setattr(dreamsketch.pipelines, "hub_reachable", lambda: True)
+    assert {m["id"]: m["weights"] for m in studio.models()}["uncached-hub"] == "needs download"
 
 
 def test_default_model_is_the_first_usable_then_the_offline_one(hub_settings, settings, tmp_path, monkeypatch):
