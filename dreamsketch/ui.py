@@ -173,9 +173,10 @@ async def cancel_when_client_gone(cancel: threading.Event) -> None:
     from gradio.context import LocalContext
 
     queue, event_id = getattr(LocalContext.blocks.get(None), "_queue", None), LocalContext.event_id.get(None)
-    if queue is None or event_id is None:  # not inside a Gradio event (tests calling handlers directly)
+    event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id is not None else None
+    if event is None:  # not a queued Gradio event (tests calling handlers directly)
         return
-    while (event := queue.event_ids_to_events.get(event_id)) is not None and event.alive:
+    while event.alive:
         await asyncio.sleep(CLIENT_CHECK_S)
     cancel.set()
 
