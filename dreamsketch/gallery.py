@@ -398,6 +398,10 @@ class Gallery:
         path = self.folder / file_name
         return path if known and _plain_file(path) else None
 
+    def holds(self, path: Path) -> bool:
+        """Whether `path` (absolute) is one of the gallery's PNGs named in the index."""
+        return path.parent == self.folder and self.file_path(path.name) is not None
+
     # -- files ----------------------------------------------------------------------------------------------------
 
     def _write_png(self, image: Image.Image, parameters: str, target: Path) -> None:

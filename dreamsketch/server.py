@@ -68,7 +68,7 @@ class Guard:
         folder = self.gallery.folder
         if not (path.is_relative_to(folder) or path.resolve().is_relative_to(folder)):
             return True
-        return path.parent == folder and self.gallery.file_path(path.name) is not None
+        return self.gallery.holds(path)
 
 
 def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
@@ -99,6 +99,9 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
         theme=THEME,
         css=CSS,
     )
+    # Gradio checks that an input file was uploaded (not any path on the server a client names) only in apps it
+    # launched itself; this one it mounts.
+    demo.has_launched = True
     app.add_middleware(Guard, gallery=studio.gallery, auth=settings.auth)
     if settings.auth:
         sign_in_mcp_tool_calls(demo, settings.auth)
@@ -155,7 +158,8 @@ def listen(settings: Settings) -> socket.socket:
     host, port = settings.server_name, settings.server_port
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family)
+        dual = host == "::" and socket.has_dualstack_ipv6()  # as 0.0.0.0 does, and as local_url says
+        return socket.create_server((host, port), family=family, dualstack_ipv6=dual)
     except OSError as exc:
         raise SettingsError(
             f"GRADIO_SERVER_NAME={host!r}, GRADIO_SERVER_PORT={port}: cannot listen there ({exc.strerror or exc})"

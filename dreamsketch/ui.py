@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
@@ -202,20 +203,26 @@ def user_error(exc: BaseException) -> gr.Error:
 # Values between the Studio and the components
 
 
-def request_fields(mode: Mode, values: dict[str, Any]) -> dict[str, Any]:
+def request_fields(studio: Studio, mode: Mode, values: dict[str, Any]) -> dict[str, Any]:
     """Component values -> studio.parse fields (an empty scheduler box -> None; image path -> its bytes)."""
     fields = {name: values.get(name) for name in (*FORM_FIELDS, "scheduler", "batch_size")}
     if fields["scheduler"] == "":
         fields["scheduler"] = None
     if mode == "img2img":
         fields["strength"] = values.get("strength")
-        fields["image"] = read_upload(values.get("image"))
+        fields["image"] = read_upload(studio, values.get("image"))
     return fields
 
 
-def read_upload(path: Any) -> bytes | None:
+def read_upload(studio: Studio, path: Any) -> bytes | None:
+    """An image Gradio received: a file uploaded through Gradio, or a gallery picture (Send to img2img). A client may
+    name any path on the server instead (Gradio checks that only in apps started with launch(), not mounted ones):
+    refused, so that img2img reads no file it was not given."""
     if not path:
         return None
+    target = Path(path).resolve()
+    if not (target.is_relative_to(Path(get_upload_folder()).resolve()) or studio.gallery.holds(target)):
+        raise error("field 'image': not an uploaded file; upload the image")
     try:
         return Path(path).read_bytes()
     except OSError:
@@ -361,7 +368,7 @@ class Handlers:
             scheduler=scheduler,
             batch_size=batch_size,
         )
-        return await self._run("txt2img", request_fields("txt2img", fields), progress)
+        return await self._run("txt2img", request_fields(self.studio, "txt2img", fields), progress)
 
     async def img2img(
         self,
@@ -411,14 +418,14 @@ class Handlers:
             scheduler=scheduler,
             batch_size=batch_size,
         )
-        return await self._run("img2img", request_fields("img2img", fields), progress)
+        return await self._run("img2img", request_fields(self.studio, "img2img", fields), progress)
 
     async def stream(
         self, mode: Mode, values: dict[str, Any], progress: gr.Progress
     ) -> AsyncIterator[tuple[Any, Any, Any]]:
         """The browser's Generate: live preview every step, then the results."""
         try:
-            request = self.studio.parse(request_fields(mode, values), mode)
+            request = self.studio.parse(request_fields(self.studio, mode, values), mode)
             progress((0, request.denoising_steps), desc="Waiting for the device", unit="steps")
             async for item in run_generation(self.generate, request, previews=True):
                 if isinstance(item, Progressed):

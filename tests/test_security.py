@@ -283,6 +283,36 @@ def test_uploads_with_hostile_names_stay_in_the_upload_folder(open_server: Runni
     assert Path(stored).read_bytes() == b"\x89PNG not really"
 
 
+def call_img2img_with_a_server_path(server: RunningServer, path: Path) -> str:
+    """Gradio's own /call route, the image given as a path on the server rather than an upload."""
+    image = {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+    data = [image, "x", "", "tiny-demo", 0.6, 64, 64, 2, 7.5, 1, "Default", 1]
+    reply = httpx.post(f"{server.url}/gradio_api/call/img2img", json={"data": data}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    events = httpx.get(f"{server.url}/gradio_api/call/img2img/{reply.json()['event_id']}", timeout=120)
+    return events.text
+
+
+def test_img2img_reads_only_uploads_and_gallery_pictures_not_any_server_path(
+    open_server: RunningServer, tmp_path: Path
+) -> None:
+    """A client could name any image on the server as img2img's input (Gradio checks that only for launch()ed
+    apps): it was read, and with a low strength its likeness landed in the gallery."""
+    outside, unindexed = tmp_path / "outside.png", open_server.studio.gallery.folder / "unindexed.png"
+    for path in (outside, unindexed):
+        Image.new("RGB", (64, 64), "red").save(path)
+    before = open_server.studio.gallery.count()
+    try:
+        for path in (outside, unindexed, Path("/etc/passwd")):
+            stream = call_img2img_with_a_server_path(open_server, path)
+            assert "event: error" in stream and "uploaded" in stream, stream
+        assert open_server.studio.gallery.count() == before
+        pictured = call_img2img_with_a_server_path(open_server, a_gallery_png(open_server))
+        assert "event: complete" in pictured, pictured  # Send to img2img hands over a gallery picture in place
+    finally:
+        unindexed.unlink()
+
+
 def test_uploads_that_are_not_images_are_refused_by_img2img(open_server: RunningServer, tmp_path: Path) -> None:
     before = open_server.studio.gallery.count()
     client = Client(open_server.url, verbose=False, download_files=str(tmp_path / "dl"))
