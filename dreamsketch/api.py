@@ -337,7 +337,7 @@ def decode_image(value: Any) -> bytes:
     without its "=" padding."""
     if not isinstance(value, str):
         raise RequestError("image", "must be a base64 data URL string (data:image/png;base64,...)")
-    if _URL.match(value):
+    if _URL.match(value.strip()):
         raise RequestError("image", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)")
     payload = value
     if value[:5].lower() == "data:":

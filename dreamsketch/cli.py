@@ -154,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def generate(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

@@ -37,7 +37,7 @@ class Settings:
     def local_url(self) -> str:
         """The server's address from this machine (listening on every address, 0.0.0.0 or ::, 127.0.0.1 works)."""
         host = "127.0.0.1" if self.server_name in ("0.0.0.0", "::") else self.server_name
-        return f"http://{host}:{self.server_port}"
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_port}"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -232,7 +233,9 @@ def check_image(value: Any) -> Image.Image:
 def _as_shown(image: Image.Image) -> Image.Image:
     """RGB turned upright by its EXIF orientation, with any transparency flattened onto white (as AUTOMATIC1111
     flattens img2img input)."""
-    image = ImageOps.exif_transpose(image)
+    # Malformed EXIF (Pillow raises whatever its parser meets): the picture is used as stored, as viewers show it.
+    with contextlib.suppress(Exception):
+        image = ImageOps.exif_transpose(image)
     if not image.has_transparency_data:
         return image.convert("RGB")
     white = Image.new("RGBA", image.size, "white")

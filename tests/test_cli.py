@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -14,9 +15,11 @@ from PIL import Image
 
 from benchmarks.load import server_process
 from dreamsketch.cli import build_parser, copy_whole, main
+from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import LocalEngine
 from dreamsketch.gallery import read_parameters
 from dreamsketch.request import MAX_BATCH, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
+from dreamsketch.server import listen
 from dreamsketch.studio import Studio
 from tests.conftest import entry, write_registry
 
@@ -189,6 +192,24 @@ def test_generate_interrupted_says_so_in_one_line_and_writes_nothing(tmp_path):
     assert "/150 " in err and "150/150" not in err, err  # stopped mid-steps
 
 
+def test_ctrl_c_while_the_cli_starts_is_one_line_too(tmp_path):
+    """Ctrl-C in the second or more of imports (torch, diffusers) printed a KeyboardInterrupt traceback."""
+    env = {**os.environ, "DREAMSKETCH_MODELS_FILE": str(REPO_ROOT / "models.yaml"), "HF_HUB_OFFLINE": "1"}
+    env["DREAMSKETCH_OUTPUT_DIR"] = str(tmp_path / "outputs")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dreamsketch", "generate", "x", "--model", "tiny-demo", "--steps", "150"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.5)  # past the interpreter's own start, into the imports (or later: the same line either way)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.decode().rstrip().endswith("interrupted"), err.decode()
+    assert b"Traceback" not in err, err.decode()
+
+
 def test_an_interrupted_output_copy_leaves_the_old_file_whole(tmp_path, monkeypatch):
     source, target = tmp_path / "new.png", tmp_path / "out.png"
     source.write_bytes(b"new picture")
@@ -260,6 +281,19 @@ def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path, command):
     assert done.returncode not in (0, 3) and "Traceback" not in done.stderr and "DreamSketch on" not in done.stdout
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: GRADIO_SERVER_NAME='127.0.0.1', GRADIO_SERVER_PORT={port}: cannot listen"), last
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 here")
+def test_listening_on_every_ipv6_address_takes_ipv4_too_as_the_start_up_line_says():
+    """GRADIO_SERVER_NAME=:: listened on IPv6 only, while the start-up line gave http://127.0.0.1:PORT."""
+    try:
+        sock = listen(Settings(server_name="::", server_port=0))
+    except SettingsError as exc:
+        pytest.skip(f"cannot listen on :: here ({exc})")
+    with sock, socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=5):
+        pass
+    assert Settings(server_name="::").local_url == "http://127.0.0.1:7860"
+    assert Settings(server_name="::1", server_port=8000).local_url == "http://[::1]:8000"
 
 
 def test_serve_logs_what_it_uses_and_stops_on_sigterm_while_a_browser_tab_is_open(tmp_path):

@@ -195,6 +195,22 @@ def test_exif_orientation_is_applied_before_the_resize(registry):
         assert close(left, RED) and close(right, BLUE), (left, right)
 
 
+# EXIF whose interoperability pointer leads Pillow's parser into a struct.error (found by a QA fuzz)
+MALFORMED_EXIF = bytes.fromhex(
+    "4578696600004d4d002a00000008000401020002000000070000003e01120003000000010006000001320002000000140000004687690004"
+    "000000010000005a0000000043616d6572610000323032343a30313a30312030303a3030a93030000002829a00030000000200010064900300"
+    "02000000140000007800000000323032343a30313a30312030303a30303a303000"
+)
+
+
+def test_malformed_exif_leaves_the_picture_as_stored(registry):
+    """exif_transpose raised struct.error on such EXIF: a 500 on the HTTP API, a traceback in the CLI."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), RED).save(buffer, format="JPEG", exif=MALFORMED_EXIF)
+    image = check_image(buffer.getvalue())
+    assert image.size == (16, 8) and close(image.getpixel((0, 0)), RED)
+
+
 def half_transparent(mode):
     """A PNG whose left half is opaque red and whose right half is transparent black."""
     image = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
@@ -243,6 +259,7 @@ def test_base64_without_padding_or_url_safe_is_decoded(text):
         ("https://example.com/cat.png", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
         ("HTTP://example.com/cat.png", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
         ("file:///etc/passwd", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
+        (" https://example.com/cat.png", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)"),
         ("+/+//", "not valid base64"),
         ("@@@@", "not valid base64"),
         ("data:image/png,abc", "must be a base64 data URL (data:image/png;base64,...)"),
