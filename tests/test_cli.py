@@ -164,6 +164,11 @@ def test_default_scheduler_and_negative_zero_cfg(tmp_path, cli):
     assert "Sampler: Euler a, CFG scale: 0, Seed:" in parameters, parameters  # tiny-demo's own scheduler
 
 
+# Exit status 130, or the process ends by SIGINT itself: Python does so at exit after some Ctrl-Cs during imports
+# (seen 1 time in 10 at 2.5 s), even when the KeyboardInterrupt was handled. A shell shows 130 either way.
+INTERRUPTED = (130, -signal.SIGINT)
+
+
 def test_generate_interrupted_says_so_in_one_line_and_writes_nothing(tmp_path):
     """Ctrl-C once the steps have begun: one line, exit status 130, no picture and no temporary file anywhere (the
     gallery's index is made at start)."""
@@ -186,7 +191,7 @@ def test_generate_interrupted_says_so_in_one_line_and_writes_nothing(tmp_path):
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=60)
     err = (shown + rest).decode()
-    assert process.returncode == 130, err
+    assert process.returncode in INTERRUPTED, err
     assert err.rstrip().endswith("\ninterrupted") and "Traceback" not in err, err
     assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == ["gallery.sqlite3"], err
     assert "/150 " in err and "150/150" not in err, err  # stopped mid-steps
@@ -206,7 +211,7 @@ def test_ctrl_c_while_the_cli_starts_is_one_line_too(tmp_path):
     time.sleep(0.5)  # past the interpreter's own start, into the imports (or later: the same line either way)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and err.decode().rstrip().endswith("interrupted"), err.decode()
+    assert process.returncode in INTERRUPTED and err.decode().rstrip().endswith("interrupted"), err.decode()
     assert b"Traceback" not in err, err.decode()
 
 
