@@ -186,13 +186,14 @@ def check_family(spec: ModelSpec, pipe: Any) -> None:
     """Weights of one family loaded as another (an SD 1.5 folder registered as sdxl) load without complaint and
     fail at the first picture: refuse them now, before they take a loaded model's place."""
     sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-    needed = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2") if sdxl else ("tokenizer", "text_encoder")
-    if sdxl != (spec.family == "sdxl") or any(getattr(pipe, name, None) is None for name in needed):
+    if sdxl != (spec.family == "sdxl"):
         kind = "SDXL" if sdxl else "SD 1.x/2.x"
-        reason = (
-            f"its UNet is {kind}'s, which does not fit `family: {spec.family}` (or a part of the pipeline is missing)"
-        )
+        reason = f"its UNet is {kind}'s, which does not fit `family: {spec.family}`"
         raise ModelUnavailableError(unavailable_message(spec, reason))
+    needed = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2") if sdxl else ("tokenizer", "text_encoder")
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
+    if missing:
+        raise ModelUnavailableError(unavailable_message(spec, f"the pipeline has no {', '.join(missing)}"))
 
 
 class PipelineCache:

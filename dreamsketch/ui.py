@@ -215,9 +215,8 @@ def request_fields(studio: Studio, mode: Mode, values: dict[str, Any]) -> dict[s
 
 
 def read_upload(studio: Studio, path: Any) -> bytes | None:
-    """An image Gradio received: a file uploaded through Gradio, or a gallery picture (Send to img2img). A client may
-    name any path on the server instead (Gradio checks that only in apps started with launch(), not mounted ones):
-    refused, so that img2img reads no file it was not given."""
+    """An image Gradio received: a file uploaded through Gradio, or a gallery picture (Send to img2img). Gradio's own
+    check lets any file in the gallery folder through (a static path): only PNGs named in the index are taken."""
     if not path:
         return None
     target = Path(path).resolve()

@@ -1,6 +1,7 @@
 """The real loading paths, with tiny models: a local folder, the Hub cache by repo id, and absent from the cache."""
 
 import dataclasses
+import json
 import shutil
 import weakref
 
@@ -128,6 +129,23 @@ def test_weights_registered_as_another_family_are_refused_and_leave_the_loaded_m
     with pytest.raises(ModelUnavailableError, match=f"'mislabelled'.*UNet is {kind}'s.*`family: {family}`"):
         engine.preload("mislabelled")
     assert engine.loaded_ids() == ["tiny-demo"]
+
+
+def test_a_pipeline_without_its_text_encoder_is_refused_at_load(settings, tmp_path):
+    """diffusers loads an SDXL folder without text_encoder/tokenizer (as for a refiner) with None in their place; the
+    engine needs both, and failed at the first request."""
+    folder = tmp_path / "xl"
+    build_tiny_sdxl_pipeline().save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for part in ("text_encoder", "tokenizer"):
+        index.pop(part)
+        shutil.rmtree(folder / part)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    registry = write_registry(tmp_path / "xl.yaml", [entry("partial-xl", str(folder), family="sdxl")])
+    engine = LocalEngine(settings, load_registry(registry))
+    with pytest.raises(ModelUnavailableError, match="'partial-xl'.*the pipeline has no tokenizer, text_encoder"):
+        engine.preload("partial-xl")
+    assert engine.loaded_ids() == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs neither device")
