@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,13 +203,18 @@ def test_mcp_tools_generate(server: RunningServer) -> None:
             ClientSession(read, write) as session,
         ):
             await session.initialize()
+            picture = await session.call_tool("img2img", {"image": data_url, "prompt": "via mcp img2img", **FAST})
+            assert not picture.isError, picture.content  # the README's way: a data URL
             reply = await session.call_tool("txt2img", {"prompt": "via mcp", **FAST, "seed": 5})
             assert not reply.isError, reply.content
             return reply.content
 
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     content = anyio.run(call)
     assert any(item.type == "image" or "seed" in getattr(item, "text", "") for item in content), content
-    assert server.studio.gallery.list(limit=1)[0].meta.prompt == "via mcp"
+    assert [entry.meta.prompt for entry in server.studio.gallery.list(limit=2)] == ["via mcp", "via mcp img2img"]
 
 
 @pytest.mark.parametrize(("interval", "computed"), [(0.0, 6), (3600.0, 1)])
