@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -18,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.responses import Response
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dreamsketch.api import basic_auth_ok, create_app, error_reply
@@ -177,6 +179,12 @@ class StudioServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.studio.shut_down()
+        # A browser tab's heartbeat stream ends when Gradio's stop event is set (its own launch() sets it; a mounted
+        # app's is never set): else it was cut after the grace period, with a traceback in the log for each tab.
+        loop = asyncio.get_running_loop()
+        for route in getattr(self.config.app, "routes", []):
+            if isinstance(route, Mount) and isinstance(stop := getattr(route.app, "stop_event", None), asyncio.Event):
+                loop.call_soon_threadsafe(stop.set)
         super().handle_exit(sig, frame)
 
 
