@@ -129,9 +129,14 @@ def is_available(spec: ModelSpec) -> bool:
     return is_cached(spec.source) or hub_reachable()
 
 
+USABLE_NOW = ("ready offline", "needs download")  # the weights_state()s of a model that is_available()
+
+
 def weights_state(spec: ModelSpec) -> str:
     """Where a model's weights stand, in the words the browser and the CLI show."""
-    if spec.source_kind == "hub" and not is_cached(spec.source):
+    if spec.source_kind == "hub":
+        if is_cached(spec.source):
+            return "ready offline"
         return "needs download" if hub_reachable() else "not cached, Hub offline"
     if is_available(spec):
         return "ready offline"
@@ -176,10 +181,13 @@ def hub_unusable() -> str:
 
 def unavailable_message(spec: ModelSpec, reason: str) -> str:
     if spec.source_kind == "hub":
-        advice = "Connect to the internet, set HF_TOKEN for gated models, point `source` in the registry at a local "
+        advice = (
+            "Connect to the internet, set HF_TOKEN for gated models, point `source` in the registry at a local copy, "
+            "or use tiny-demo."
+        )
     else:
-        advice = "Check `source` (and `config`) in the registry, point them at a working "
-    return f"Model '{spec.id}' ({spec.source}) cannot be loaded: {reason}. {advice}copy, or use tiny-demo."
+        advice = "Check `source` (and `config`) in the registry, point them at a working copy, or use tiny-demo."
+    return f"Model '{spec.id}' ({spec.source}) cannot be loaded: {reason}. {advice}"
 
 
 def check_family(spec: ModelSpec, pipe: Any) -> None:

@@ -18,7 +18,7 @@ from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
 from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
-from dreamsketch.pipelines import is_available, weights_state
+from dreamsketch.pipelines import USABLE_NOW, is_available, weights_state
 from dreamsketch.registry import Registry, load_registry
 from dreamsketch.remote import RemoteEngine
 from dreamsketch.request import GenerationRequest, Mode, parse_request
@@ -149,21 +149,24 @@ class Studio:
 
     def models(self) -> list[dict[str, Any]]:
         loaded = set(self.engine.loaded_ids())
-        return [
-            {
-                "id": spec.id,
-                "name": spec.name,
-                "family": spec.family,
-                "width": spec.width,
-                "height": spec.height,
-                "steps": spec.steps,
-                "guidance_scale": spec.guidance_scale,
-                "loaded": spec.id in loaded,
-                "available": is_available(spec),
-                "weights": weights_state(spec),
-            }
-            for spec in self.registry
-        ]
+        rows = []
+        for spec in self.registry:
+            weights = weights_state(spec)  # looks at the disk (and the Hub) once per model
+            rows.append(
+                {
+                    "id": spec.id,
+                    "name": spec.name,
+                    "family": spec.family,
+                    "width": spec.width,
+                    "height": spec.height,
+                    "steps": spec.steps,
+                    "guidance_scale": spec.guidance_scale,
+                    "loaded": spec.id in loaded,
+                    "available": weights in USABLE_NOW,
+                    "weights": weights,
+                }
+            )
+        return rows
 
     def status(self) -> dict[str, Any]:
         gpu = None

@@ -226,6 +226,7 @@ def test_models_say_where_their_weights_stand(hub_settings, tmp_path, monkeypatc
         "tiny-demo": "ready offline",
         "gone-folder": "missing",
     }
+    assert all(m["available"] == is_available(studio.registry.get(m["id"])) for m in studio.models())
     monkeypatch.setattr(dreamsketch.pipelines, "hub_reachable", lambda: True)
     assert {m["id"]: m["weights"] for m in studio.models()}["uncached-hub"] == "needs download"
 
