@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,15 @@ from dreamsketch.tiny import build_tiny_pipeline, tiny_vocab  # noqa: E402
 
 TINY_REPO = "dreamsketch-tests/tiny-sd"
 TINY_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_folder_inside_pytests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """gradio_client leaves an empty folder in the temp folder for every file it downloads (Gradio 6.31): keep them,
+    and every other temporary file of a run, in pytest's own folder, which pytest prunes."""
+    tempfile.tempdir = str(tmp_path_factory.getbasetemp())
+    yield
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
