@@ -35,6 +35,7 @@ from dreamsketch import __version__
 from dreamsketch.engine import GenerationCancelled, GenerationError
 from dreamsketch.gallery import GalleryEntry, GalleryError
 from dreamsketch.pipelines import ModelUnavailableError
+from dreamsketch.remote import InferenceApiError
 from dreamsketch.request import (
     MAX_BATCH,
     MAX_GUIDANCE,
@@ -81,6 +82,7 @@ STATUS_FOR: tuple[tuple[type[Exception], int], ...] = (
     (ModelUnavailableError, 503),
     (StudioBusy, 503),
     (GenerationCancelled, 409),
+    (InferenceApiError, 502),
     (GenerationError, 500),
     (GalleryError, 500),
 )
@@ -557,6 +559,7 @@ def error_responses(with_auth: bool) -> dict[int | str, dict[str, Any]]:
         413: "body too large",
         415: "unsupported content type",
         500: "generation failed",
+        502: "the Inference API failed (USE_LOCAL_MODELS=false)",
         503: "model unavailable or the studio is busy",
     }
     if with_auth:

@@ -28,6 +28,10 @@ REMOTE_SCHEDULERS = {name: class_name for name, (class_name, extra) in SCHEDULER
 SERVICE_SCHEDULER = ""  # recorded when the service picks the scheduler: it does not say which
 
 
+class InferenceApiError(GenerationError):
+    """The Inference API failed or answered wrongly: the HTTP API replies 502 (a gateway's upstream failed)."""
+
+
 class RemoteEngine:
     """Same interface as LocalEngine. One API call per image; progress is reported per image."""
 
@@ -80,14 +84,14 @@ class RemoteEngine:
             image = self._ask(request, seed, model, scheduler)
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "no answer"
-            raise GenerationError(f"the Inference API refused model '{spec.id}' ({status})") from None
+            raise InferenceApiError(f"the Inference API refused model '{spec.id}' ({status})") from None
         except (OSError, TransportError) as exc:
-            raise GenerationError(f"the Inference API could not be reached ({exc.__class__.__name__})") from None
+            raise InferenceApiError(f"the Inference API could not be reached ({exc.__class__.__name__})") from None
         except ValueError as exc:  # huggingface_hub's own refusal, e.g. a model whose Hub task is text-to-image only
-            raise GenerationError(f"the Inference API cannot run model '{spec.id}': {exc}") from None
+            raise InferenceApiError(f"the Inference API cannot run model '{spec.id}': {exc}") from None
         width, height = image.size
         if (width, height) != (request.width, request.height):
-            raise GenerationError(
+            raise InferenceApiError(
                 f"the Inference API returned a {width}x{height} picture for a {request.width}x{request.height} request"
             )
         return image

@@ -8,6 +8,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -19,6 +20,7 @@ from dreamsketch.registry import load_registry
 from dreamsketch.request import RequestError
 from dreamsketch.studio import Studio, choose_default_model
 from tests.conftest import entry, write_registry
+from tests.servers import running_server
 
 
 class StandIn(BaseHTTPRequestHandler):
@@ -90,6 +92,15 @@ def test_api_errors_are_reported_and_nothing_is_saved(remote_studio):
     StandIn.status = 503
     with pytest.raises(GenerationError, match="the Inference API refused model 'tiny-demo' \\(503\\)"):
         remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
+    assert remote_studio.gallery.count() == 0
+
+
+def test_the_http_api_answers_502_when_the_inference_api_fails(remote_studio):
+    StandIn.status = 500
+    with running_server(remote_studio) as server:
+        reply = httpx.post(f"{server.url}/api/txt2img", json={"prompt": "x", "seed": 1}, timeout=30)
+    assert reply.status_code == 502
+    assert reply.json() == {"status": "error", "error": "the Inference API refused model 'tiny-demo' (500)"}
     assert remote_studio.gallery.count() == 0
 
 
