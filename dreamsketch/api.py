@@ -14,12 +14,14 @@ import contextlib
 import html
 import json
 import logging
+import math
 import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -127,6 +129,9 @@ class _Routes:
         self.app = app
         self.studio = studio
         self.dependencies = _auth_dependencies(studio.settings.auth)
+        # Generations wait in threads of their own: in the pool shared with the other routes, more than its 40
+        # would have stalled every sync route and waited for a thread instead of hearing "busy".
+        self.generation_threads = anyio.CapacityLimiter(math.inf)
 
     def register(self) -> None:
         self._add("/api/health", self.health, "GET", schema=ok_schema())
@@ -204,7 +209,9 @@ class _Routes:
         cancel = threading.Event()
         watcher = asyncio.ensure_future(cancel_on_disconnect(request, cancel))
         try:
-            result = await run_in_threadpool(self.studio.generate, parsed, None, cancel)
+            result = await anyio.to_thread.run_sync(
+                self.studio.generate, parsed, None, cancel, limiter=self.generation_threads
+            )
         finally:
             watcher.cancel()
         results = [result_item(request, entry) for entry in result.entries]

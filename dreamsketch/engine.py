@@ -110,6 +110,7 @@ class _Job:
     request: GenerationRequest
     on_step: StepCallback | None
     cancel: threading.Event | None
+    on_start: Callable[[], None] | None
     done: threading.Event = field(default_factory=threading.Event)
     result: Generation | None = None
     error: BaseException | None = None
@@ -141,14 +142,14 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...]:
 class LocalEngine:
     """Pipelines on this machine: one pipeline call per device at a time, any number of callers.
 
-    Callers that wait while the device is busy are merged: whoever gets the device next runs its own
-    request together with every waiting request of the same batch_key, and hands each its own images."""
+    Callers take the device in the order they came. Whoever is next runs its own request together with every
+    waiting request of the same batch_key (up to MAX_BATCH_IMAGES images), and hands each its own images."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.cache = PipelineCache(settings, registry)
-        self.lock = threading.Lock()
-        self._waiting: list[_Job] = []
-        self._waiting_lock = threading.Lock()
+        self.lock = threading.Lock()  # the device
+        self._waiting: list[_Job] = []  # oldest first
+        self._turn = threading.Condition()  # guards _waiting; notified when it changes or a batch ends
 
     def preload(self, model_id: str) -> None:
         with self.lock:
@@ -158,43 +159,61 @@ class LocalEngine:
         return list(self.cache.loaded)
 
     def generate(
-        self, request: GenerationRequest, on_step: StepCallback | None = None, cancel: threading.Event | None = None
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Generation:
-        job = _Job(request.with_seed(), on_step, cancel)
-        with self._waiting_lock:
+        """on_start is called when the request stops waiting and its batch is about to run."""
+        job = _Job(request.with_seed(), on_step, cancel, on_start)
+        with self._turn:
             self._waiting.append(job)
         while not job.done.is_set():
-            if self.lock.acquire(timeout=CANCEL_POLL_S):
+            if job.cancelled:
+                self._withdraw(job)
+            elif self._device_for(job):
                 try:
-                    if not job.done.is_set():
-                        self._run_batch(self._take_batch(job))
+                    self._run_batch(self._take_batch(job))
                 finally:
                     self.lock.release()
-            elif job.cancelled:
-                self._withdraw(job)
+                    with self._turn:
+                        self._turn.notify_all()
         if job.error is not None:
             raise job.error
         assert job.result is not None
         return job.result
 
+    def _device_for(self, job: _Job) -> bool:
+        """Wait at most CANCEL_POLL_S for `job`'s turn: True, holding the device, once it is the oldest request
+        waiting and the device is free."""
+        with self._turn:
+            if not self._waiting or self._waiting[0] is not job:
+                self._turn.wait(CANCEL_POLL_S)
+                return False
+        return self.lock.acquire(timeout=CANCEL_POLL_S)
+
     def _withdraw(self, job: _Job) -> None:
         """A cancelled request still waiting for the device leaves now, not when the running batch ends (until then
         it counted as waiting, and could turn others away as busy). One taken into the running batch stops at its
         next step."""
-        with self._waiting_lock:
+        with self._turn:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.finish(error=GenerationCancelled())
+                self._turn.notify_all()
+            elif not job.done.is_set():
+                self._turn.wait(CANCEL_POLL_S)
 
     def _take_batch(self, leader: _Job) -> list[_Job]:
-        with self._waiting_lock:
+        with self._turn:
             alone = self._waiting == [leader]
         if alone:
             time.sleep(BATCH_WINDOW_S)
         key = batch_key(leader.request)
         batch, images = [], 0
-        with self._waiting_lock:
-            for job in [leader] + [j for j in self._waiting if j is not leader]:
+        with self._turn:
+            for job in list(self._waiting):
                 if job.cancelled:
                     self._waiting.remove(job)
                     job.finish(error=GenerationCancelled())
@@ -202,6 +221,9 @@ class LocalEngine:
                     self._waiting.remove(job)
                     batch.append(job)
                     images += job.request.batch_size
+                    if job.on_start is not None:
+                        job.on_start()
+            self._turn.notify_all()  # the next in line can wait for the device now
         return batch
 
     def _run_batch(self, jobs: list[_Job]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from huggingface_hub import InferenceClient
@@ -50,8 +51,13 @@ class RemoteEngine:
         return []
 
     def generate(
-        self, request: GenerationRequest, on_step: StepCallback | None = None, cancel: threading.Event | None = None
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Generation:
+        """on_start is never called: a request waits for the service until it is answered."""
         request = request.with_seed()
         spec = self.registry.get(request.model_id)
         model = self._model(spec)

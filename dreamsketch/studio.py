@@ -84,7 +84,7 @@ class Studio:
         self.gallery = Gallery(self.settings.output_dir)
         self.default_model = choose_default_model(self.settings, self.registry)
         self._pending = 0  # requests running or waiting for the device
-        self._bounded = 0  # of those, the ones without a queue of their own
+        self._waiting = 0  # of those, the ones waiting for the device without a queue of their own
         self._pending_lock = threading.Lock()
         self._cancels: set[threading.Event] = set()  # one per running or waiting request
         self.closing = threading.Event()
@@ -101,21 +101,28 @@ class Studio:
     ) -> StudioResult:
         """Run the request, then save its images to the gallery (outside the device lock).
 
-        Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting behind the running one, counting
-        only requests without `own_queue` (Gradio's events come through Gradio's queue, which has the same bound),
-        or when the server is shutting down; GenerationCancelled when `cancel` is set, up to the save."""
+        Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting for the device, counting only
+        requests without `own_queue` (Gradio's events come through Gradio's queue, which has the same bound), or
+        when the server is shutting down; GenerationCancelled when `cancel` is set, up to the save."""
         cancel = cancel or threading.Event()
+        counted = not own_queue
         with self._pending_lock:
             if self.closing.is_set():
                 raise StudioBusy(SHUTTING_DOWN)
-            bounded = 0 if own_queue else 1
-            if bounded and self._bounded > self.settings.queue_size:
-                raise StudioBusy(f"busy: {self._bounded} requests are ahead of this one; try again in a moment")
+            if counted and self._waiting >= self.settings.queue_size:
+                raise StudioBusy(f"busy: {self._waiting} requests are waiting for the device; try again in a moment")
             self._pending += 1
-            self._bounded += bounded
+            self._waiting += counted
             self._cancels.add(cancel)
+
+        def started() -> None:
+            nonlocal counted
+            with self._pending_lock:
+                self._waiting -= counted
+                counted = False
+
         try:
-            generation = self.engine.generate(request, on_step, cancel)
+            generation = self.engine.generate(request, on_step, cancel, started)
             if cancel.is_set():  # cancelled after the last step, while decoding: nothing is saved
                 raise GenerationCancelled
         except GenerationCancelled:
@@ -123,9 +130,9 @@ class Studio:
                 raise StudioBusy(SHUTTING_DOWN) from None
             raise
         finally:
+            started()  # a request that never ran stops waiting too
             with self._pending_lock:
                 self._pending -= 1
-                self._bounded -= bounded
                 self._cancels.discard(cancel)
         done = generation.request
         entries = [

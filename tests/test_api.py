@@ -222,6 +222,32 @@ def test_health_answers_during_a_generation(server: Server, client: httpx.Client
     thread.join(120)
 
 
+def test_more_generations_waiting_than_the_thread_pool_holds_leave_the_other_routes_working(
+    settings_m: Settings, tmp_path
+) -> None:
+    """HTTP generations used to wait in the 40 threads of the sync routes: with DREAMSKETCH_QUEUE_SIZE above that,
+    /api/status and /media stalled behind them, and further requests waited for a thread instead of hearing busy."""
+    studio = Studio(dataclasses.replace(settings_m, queue_size=48, output_dir=tmp_path / "outputs"))
+    waiting, replies = 45, []
+    with running_server(create_app(studio)) as url:
+
+        def generate(seed: int) -> None:
+            replies.append(httpx.post(f"{url}/api/txt2img", json={**FAST, "seed": seed}, timeout=300).status_code)
+
+        threads = [threading.Thread(target=generate, args=(seed,)) for seed in range(waiting)]
+        with studio.engine.lock:  # the device is busy
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while studio.pending < waiting and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert studio.pending == waiting
+            assert httpx.get(f"{url}/api/status", timeout=30).json()["queue_length"] == waiting
+        for thread in threads:
+            thread.join(300)
+    assert replies == [200] * waiting and studio.gallery.count() == waiting
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Results
 

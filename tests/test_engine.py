@@ -433,6 +433,27 @@ def test_only_compatible_requests_are_merged(engine):
     assert all(len(results[i].images) == r.batch_size for i, r in enumerate(requests))
 
 
+def test_waiting_requests_take_the_device_in_the_order_they_came(engine):
+    """Each waiting thread used to grab the device when it could: a request could wait behind dozens sent after it."""
+    ran: list[int] = []
+    pipe_class = type(engine.cache.get("tiny-demo").txt2img)
+    original = pipe_class.__call__
+    requests = [request(engine, seed=seed, steps=1 + seed % 3, width=64 + 8 * seed) for seed in range(8)]
+    threads = [threading.Thread(target=engine.generate, args=(r,)) for r in requests]  # no two can share a batch
+    pipe_class.__call__ = lambda self, **kwargs: ran.append(kwargs["width"]) or original(self, **kwargs)
+    try:
+        with engine.lock:
+            for count, thread in enumerate(threads, start=1):
+                thread.start()
+                while len(engine._waiting) < count:
+                    threading.Event().wait(0.005)
+        for thread in threads:
+            thread.join(120)
+    finally:
+        pipe_class.__call__ = original
+    assert ran == [r.width for r in requests]
+
+
 def test_a_cancelled_request_leaves_its_batch_running(engine):
     cancel = threading.Event()
     requests = [request(engine, seed=1, steps=6), request(engine, seed=2, steps=6)]

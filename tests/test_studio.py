@@ -102,6 +102,39 @@ def test_busy_when_the_queue_is_full(settings):
     assert studio.pending == 0 and studio.gallery.count() == 3
 
 
+def test_requests_running_together_do_not_count_as_waiting(settings):
+    """Busy counted each request of a running merged batch as waiting: with two running, one place fewer."""
+    studio = Studio(dataclasses.replace(settings, queue_size=2))
+    engine = studio.engine
+    started, release = threading.Event(), threading.Event()
+
+    def hold(step):
+        started.set()
+        release.wait(30)
+
+    request = studio.parse({"prompt": "x", "steps": 2}, "txt2img")
+    first = [threading.Thread(target=studio.generate, args=(request, hold)) for _ in range(2)]
+    with engine.lock:
+        for thread in first:
+            thread.start()
+        while len(engine._waiting) < 2:
+            threading.Event().wait(0.01)
+        with pytest.raises(StudioBusy, match="^busy: 2 requests are waiting for the device"):
+            studio.generate(request)
+    started.wait(30)  # the two run as one batch now
+    later = [threading.Thread(target=studio.generate, args=(request,)) for _ in range(2)]
+    for thread in later:
+        thread.start()
+    while studio.pending < 4:
+        threading.Event().wait(0.01)
+    with pytest.raises(StudioBusy, match="^busy: 2 requests are waiting for the device"):
+        studio.generate(request)
+    release.set()
+    for thread in first + later:
+        thread.join(30)
+    assert studio.pending == 0 and studio.gallery.count() == 4
+
+
 def test_models_and_status(studio):
     models = {m["id"]: m for m in studio.models()}
     assert models["tiny-demo"]["available"] and not models["uncached-hub"]["available"]
