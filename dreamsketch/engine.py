@@ -234,14 +234,13 @@ class LocalEngine:
             self._run(self.cache.get(request.model_id), jobs)
         except torch.cuda.OutOfMemoryError:
             free_memory()
-            images = sum(job.request.batch_size for job in jobs)
-            for job in jobs:
-                job.finish(
-                    error=GenerationError(
-                        f"Out of GPU memory at {request.width}x{request.height}, {images} images at once: "
-                        "lower the size or the batch size and try again."
-                    )
-                )
+            if len(jobs) > 1:  # merged here, not asked for together: each request alone may fit
+                for job in jobs:
+                    if not job.done.is_set():
+                        self._run_batch([job])
+                return
+            size = f"{request.width}x{request.height}, batch size {request.batch_size}"
+            jobs[0].finish(error=GenerationError(f"Out of GPU memory at {size}: lower the size or the batch size."))
         except GenerationCancelled:
             for job in jobs:
                 if not job.done.is_set():

@@ -370,6 +370,30 @@ def test_out_of_memory_asks_for_smaller_work_and_the_next_request_runs(engine):
     assert len(engine.generate(request(engine)).images) == 1
 
 
+def test_requests_merged_into_a_batch_too_big_for_the_device_run_again_alone(engine):
+    """Out of memory failed every request merged into the batch, each told to lower a batch size it never chose."""
+    unet = engine.cache.get("tiny-demo").txt2img.unet
+    forward = unet.forward
+
+    def small_batches_only(sample, *args, **kwargs):
+        if sample.shape[0] > 2:  # CFG doubles the batch: more than one image
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return forward(sample, *args, **kwargs)
+
+    requests = [request(engine, seed=1), request(engine, seed=2), request(engine, seed=3, batch_size=2)]
+    unet.forward = small_batches_only
+    try:
+        results, calls, _ = run_concurrently(engine, requests)
+    finally:
+        unet.forward = forward
+    assert calls == [4, 1, 1, 2]
+    assert [len(results[i].images) for i in range(2)] == [1, 1]
+    assert isinstance(results[2], GenerationError)
+    assert str(results[2]) == "Out of GPU memory at 128x128, batch size 2: lower the size or the batch size."
+    alone = engine.generate(requests[0])
+    assert np.abs(pixels(results[0].images[0]) - pixels(alone.images[0])).max() <= 2
+
+
 def test_latent_preview_uses_the_family_matrix():
     latents = torch.zeros(1, 4, 2, 2)
     latents[0, 0] = 1.0
