@@ -16,6 +16,7 @@ import functools
 import html
 import logging
 import os
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,7 @@ GPU_CONCURRENCY = 1 if os.environ.get("SPACES_ZERO_GPU") else MAX_BATCH_IMAGES
 GALLERY_PAGE = 24
 # A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
 PREVIEW_INTERVAL_S = 0.1
+WARNING_TOAST_CHARS = 300
 UPLOADS_KEPT = (3600, 86400)  # Gradio's copies of uploads and previews: looked at hourly, deleted after a day
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 # Failures whose own message is what the user needs (RequestError is a ValueError; GalleryError: disk full, read-only)
@@ -55,9 +57,16 @@ SUGGESTED_PROMPTS = [
     "a red fox in fresh snow, morning mist, wildlife photography",
 ]
 THEME = gr.themes.Soft(primary_hue="violet", secondary_hue="indigo")
+# Narrow screens: the Gallery tab's grid wraps instead of cutting its fourth column off, and the models table
+# scrolls sideways instead of breaking its words a letter a line.
 CSS = """
 .ds-preview img { image-rendering: pixelated; }
 .ds-header { margin-bottom: 0; }
+@media (max-width: 900px) {
+  #gallery-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
+  #models-table { overflow-x: auto; }
+  #models-table .table-container { min-width: 760px; }
+}
 """
 FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed")
 
@@ -279,20 +288,18 @@ def suggestion_samples(studio: Studio, model_id: str) -> list[list[str]]:
     return [[prompt] for prompt in studio.registry.get(model_id).prompts or SUGGESTED_PROMPTS]
 
 
-def form_values(parameters: dict[str, Any], studio: Studio) -> list[Any]:
-    """Updates for the form fields (FORM_FIELDS + scheduler) from request-style parameters; gr.skip() where absent."""
+def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ...]) -> list[Any]:
+    """Updates for the form fields `names` from request-style parameters; gr.skip() where absent (the scheduler:
+    the model's own)."""
     values: list[Any] = []
-    for name in FORM_FIELDS:
+    for name in names:
         value = parameters.get(name)
-        if name == "model_id" and value not in studio.registry:
-            if value is not None:
-                gr.Warning(
-                    html.escape(f"Model '{value}' is not in this registry; the model is unchanged.", quote=False)
-                )
+        if name == "model_id" and value is not None and value not in studio.registry:
+            gr.Warning(html.escape(f"Model '{value}' is not in this registry; the model is unchanged.", quote=False))
             value = None
+        if name == "scheduler" and value not in SCHEDULERS:
+            value = DEFAULT_SCHEDULER
         values.append(gr.skip() if value is None else value)
-    scheduler = parameters.get("scheduler")
-    values.append(scheduler if scheduler in SCHEDULERS else DEFAULT_SCHEDULER)
     return values
 
 
@@ -434,8 +441,8 @@ class Handlers:
                         yield item.preview.resize((request.width, request.height)), gr.skip(), gr.skip()
                     progress((item.step, item.total), desc="Denoising", unit="steps")
                 else:
-                    for warning in item.warnings:
-                        gr.Warning(html.escape(warning, quote=False))
+                    for warning in item.warnings:  # the info has it whole; a toast must not cover the page
+                        gr.Warning(html.escape(textwrap.shorten(warning, WARNING_TOAST_CHARS), quote=False))
                     first = item.generation.images[0] if item.generation.images else gr.skip()
                     yield first, result_gallery(self.studio, item), result_info(item)
         except Exception as exc:
@@ -459,11 +466,18 @@ class Form:
     info: gr.JSON | None = None
     send: gr.Button | None = None
     reuse: gr.Button | None = None
-    selected: gr.State | None = None
+    selected: gr.State | None = None  # the index of the result picked in `results`
+    running: gr.State | None = None  # whether this page's Generate is running (for Cancel's message)
     suggestions: gr.Dataset | None = None  # txt2img only: the chosen model's suggested prompts
 
+    @property
+    def restorable_names(self) -> tuple[str, ...]:
+        """The fields that "Reuse parameters" sets."""
+        strength = ("strength",) if self.mode == "img2img" else ()
+        return (*FORM_FIELDS, *strength, "scheduler")
+
     def restorable(self) -> list[Any]:
-        return [self.fields[name] for name in (*FORM_FIELDS, "scheduler")]
+        return [self.fields[name] for name in self.restorable_names]
 
 
 def build_form(studio: Studio, mode: Mode) -> Form:
@@ -523,6 +537,7 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                 form.reuse = gr.Button("Reuse parameters", size="sm")
             form.info = gr.JSON(label="Info")
             form.selected = gr.State(0)
+            form.running = gr.State(False)
     return form
 
 
@@ -570,6 +585,7 @@ def wire_api(studio: Studio, handlers: Handlers) -> None:
 def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
     """The form's events; returns its Generate event (the caller chains what follows a generation)."""
     assert form.generate and form.cancel and form.results and form.info and form.selected and form.preview
+    assert form.running
     names = {component: name for name, component in form.fields.items()}
     inputs = set(form.fields.values())
     mode = form.mode
@@ -578,7 +594,9 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
         async for update in handlers.stream(mode, {names[c]: v for c, v in values.items()}, progress):
             yield update
 
-    event = form.generate.click(
+    hidden: dict[str, Any] = {"queue": False, "show_progress": "hidden", **PRIVATE}
+    started = form.generate.click(lambda: True, outputs=form.running, **hidden)
+    event = started.then(
         generate,
         inputs=inputs,
         outputs=[form.preview, form.results, form.info],
@@ -587,7 +605,19 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
         show_progress_on=[form.results],
         **PRIVATE,
     )
-    form.cancel.click(None, cancels=[event], **PRIVATE)
+    event.then(lambda: False, outputs=form.running, **hidden)
+
+    def cancelled(running: bool) -> tuple[Any, bool]:
+        """Say so, and take the unfinished picture out of the preview (the results are left as they were)."""
+        if not running:
+            return gr.skip(), False
+        gr.Info("Cancelled; nothing was saved.")
+        return None, False
+
+    cancel_outputs = [form.preview, form.running]  # queued: Gradio delivers gr.Info through its queue only
+    form.cancel.click(
+        cancelled, inputs=form.running, outputs=cancel_outputs, cancels=[event], show_progress="hidden", **PRIVATE
+    )
     form.fields["model_id"].input(
         lambda model_id: model_defaults(studio, model_id),
         inputs=form.fields["model_id"],
@@ -623,6 +653,7 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
         return int(evt.index)
 
     form.results.select(select, outputs=form.selected, **PRIVATE)
+    form.results.change(lambda: 0, outputs=form.selected, **hidden)  # new results: none of them picked yet
     return event
 
 
@@ -635,40 +666,42 @@ def leave_as_is(message: str, outputs: int) -> list[Any]:
     return [gr.skip()] * outputs
 
 
-def reuse_parameters(studio: Studio, info: dict[str, Any], selected: int) -> list[Any]:
+def reuse_parameters(studio: Studio, info: dict[str, Any], selected: int, names: tuple[str, ...]) -> list[Any]:
     parameters = dict(info["parameters"])
     seeds = info.get("seeds") or []
     if seeds:
         parameters["seed"] = seeds[min(max(selected, 0), len(seeds) - 1)]
-    return form_values(parameters, studio)
-
-
-def selected_image(results: list[Any], selected: int) -> str:
-    item = results[min(max(selected, 0), len(results) - 1)]
-    return str(item[0] if isinstance(item, list | tuple) else item)
+    return form_values(parameters, studio, names)
 
 
 def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
     send_outputs = [i2i.fields["image"], *i2i.restorable(), tabs]
 
-    def reuse(info: dict[str, Any] | None, selected: int) -> list[Any]:
+    def send(info: dict[str, Any] | None, selected: int) -> list[Any]:
+        """The selected result (the first if none) by its gallery file: Gradio would refuse a deleted one's path
+        before this runs, with the server's path in its message, if the results were this event's input."""
         if not info or "parameters" not in info:
-            return leave_as_is(NOTHING_GENERATED, len(i2i.restorable()))  # both forms restore the same fields
-        return reuse_parameters(studio, info, selected)
-
-    def send(results: list[Any] | None, info: dict[str, Any] | None, selected: int) -> list[Any]:
-        if not results or not info or "parameters" not in info:
             return leave_as_is(NOTHING_GENERATED, len(send_outputs))
-        return [
-            selected_image(results, selected),
-            *reuse_parameters(studio, info, selected),
-            gr.Tabs(selected="img2img"),
-        ]
+        names = info["file_names"]
+        path = studio.gallery.folder / names[min(max(selected, 0), len(names) - 1)]
+        if not studio.gallery.holds(path):
+            return leave_as_is("This picture is no longer in the gallery.", len(send_outputs))
+        parameters = reuse_parameters(studio, info, selected, i2i.restorable_names)
+        return [str(path), *parameters, gr.Tabs(selected="img2img")]
+
+    def reuse_into(names: tuple[str, ...]) -> Callable[[dict[str, Any] | None, int], list[Any]]:
+        def reuse(info: dict[str, Any] | None, selected: int) -> list[Any]:
+            if not info or "parameters" not in info:
+                return leave_as_is(NOTHING_GENERATED, len(names))
+            return reuse_parameters(studio, info, selected, names)
+
+        return reuse
 
     for form in (t2i, i2i):
-        assert form.reuse and form.send and form.info and form.selected and form.results
+        assert form.reuse and form.send and form.info and form.selected
+        reuse = reuse_into(form.restorable_names)
         form.reuse.click(reuse, inputs=[form.info, form.selected], outputs=form.restorable(), **PRIVATE)
-        form.send.click(send, inputs=[form.results, form.info, form.selected], outputs=send_outputs, **PRIVATE)
+        form.send.click(send, inputs=[form.info, form.selected], outputs=send_outputs, **PRIVATE)
 
 
 # -- Gallery tab ------------------------------------------------------------------------------------------------
@@ -747,7 +780,8 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
     def restore_entry(text: str):  # type: ignore[no-untyped-def]
         if not text:
             return leave_as_is("Select an image first.", len(t2i.restorable()) + 1)
-        return [*form_values(a1111_to_parameters(parse_parameters(text)), studio), gr.Tabs(selected="txt2img")]
+        parameters = a1111_to_parameters(parse_parameters(text))
+        return [*form_values(parameters, studio, t2i.restorable_names), gr.Tabs(selected="txt2img")]
 
     restore.click(restore_entry, inputs=params_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
     png.upload(png_info, inputs=png, outputs=[png_text, png_parsed], **PRIVATE)  # .change fired twice per drop
@@ -890,6 +924,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     interactive=False,
                     wrap=True,
                     column_widths=MODEL_COLUMN_WIDTHS,
+                    elem_id="models-table",
                 )
                 refresh_status = gr.Button("Refresh", size="sm")
             with gr.Tab("Docs", id="docs"):

@@ -154,6 +154,50 @@ def test_dark_mode_and_phone_layout(browser, server: RunningServer, tmp_path: Pa
     phone.close()
 
 
+LINES_OF_TEXT = """(element, text) => {
+  const walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (node.textContent.trim() !== text) continue;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    return range.getClientRects().length;
+  }
+  return 0;
+}"""
+
+
+def test_the_gallery_grid_and_the_models_table_fit_a_phone(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    """On a phone the Gallery's fourth column was cut off, and the models table broke its words a letter a line."""
+    from playwright.sync_api import expect
+
+    while server.studio.gallery.count() < 8:
+        server.studio.generate(server.studio.parse({"prompt": "many", "steps": 1, "batch_size": 4}, "txt2img"))
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(server.url + "/")
+    expect(phone.locator("#txt2img-generate")).to_be_visible(timeout=30_000)
+
+    def open_tab(name: str) -> None:  # a phone shows the first tab and a menu of the others
+        phone.get_by_role("button", name="More tabs").click()
+        phone.locator("button:visible", has_text=name).last.click()
+
+    open_tab("Gallery")
+    thumbnails = phone.locator("#gallery-grid button.thumbnail-item")
+    expect(thumbnails.nth(7)).to_be_visible(timeout=10_000)
+    grid = phone.locator("#gallery-grid .grid-container").bounding_box()
+    assert grid is not None
+    for index in range(8):
+        box = thumbnails.nth(index).bounding_box()
+        assert box is not None and box["x"] + box["width"] <= grid["x"] + grid["width"] + 1, (index, box, grid)
+
+    open_tab("Models & status")
+    cell = phone.locator("#models-table").get_by_role("gridcell", name="tiny-demo")
+    expect(cell).to_be_visible(timeout=10_000)
+    lines = cell.evaluate(LINES_OF_TEXT, "tiny-demo")
+    assert lines == 1, f"'tiny-demo' takes {lines} lines"
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 400  # the table scrolls, not the page
+    phone.close()
+
+
 def test_reuse_parameters_and_send_to_img2img_take_the_selected_image(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
@@ -185,6 +229,52 @@ def test_reuse_parameters_and_send_to_img2img_take_the_selected_image(browser, s
     page.close()
 
 
+def test_new_results_are_not_picked_and_img2img_reuse_restores_the_strength(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
+    """Reuse and Send took the picture picked in the previous results; img2img's Reuse left Strength as it was; Send
+    on a picture deleted meanwhile showed Gradio's error with the server's path."""
+    from playwright.sync_api import expect
+
+    page = open_app(browser, server)
+    seed = page.get_by_label("Seed (-1: random)")
+    set_numbers(page, Batch_size=2, Steps=4)  # img2img at strength 0.3 below: at least one step
+    seed.first.fill("500")
+    page.locator("#txt2img-generate").click()
+    thumbnails = page.locator("#txt2img-results button.thumbnail-item")
+    expect(thumbnails).to_have_count(2, timeout=60_000)
+    thumbnails.nth(1).click()
+    seed.first.fill("700")
+    newest = server.studio.gallery.count() + 2
+    page.locator("#txt2img-generate").click()
+    expect(page.locator("#txt2img-results").get_by_text("seed 700")).to_be_visible(timeout=60_000)
+    assert server.studio.gallery.count() == newest
+    seed.first.fill("1")
+    page.get_by_role("button", name="Reuse parameters").first.click()
+    expect(seed.first).to_have_value("700", timeout=10_000)  # the first of the new results, none being picked
+
+    page.get_by_role("button", name="Send to img2img").first.click()
+    expect(page.get_by_role("tab", name="Image to image")).to_have_attribute("aria-selected", "true", timeout=10_000)
+    strength = page.get_by_label("number input for Strength (denoising)")
+    strength.fill("0.3")
+    strength.press("Enter")
+    page.locator("#img2img-generate").click()
+    expect(page.locator("#img2img-results img").first).to_be_visible(timeout=60_000)
+    assert server.studio.gallery.list(limit=1)[0].meta.strength == 0.3
+    strength.fill("0.9")
+    strength.press("Enter")
+    page.get_by_role("tabpanel").get_by_role("button", name="Reuse parameters").click()  # the tab shown
+    expect(strength).to_have_value("0.3", timeout=10_000)
+
+    page.get_by_role("tab", name="Text to image").click()
+    shown = [e for e in server.studio.gallery.list(limit=3) if e.meta.strength is None]  # the last txt2img results
+    first = min(shown, key=lambda entry: entry.meta.seed)
+    assert first.meta.seed == 700 and server.studio.gallery.delete(first.id)
+    page.get_by_role("button", name="Send to img2img").first.click()
+    expect(page.get_by_text("This picture is no longer in the gallery.")).to_be_visible(timeout=10_000)
+    expect(page.get_by_role("tab", name="Text to image")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_text(str(server.studio.gallery.folder))).to_have_count(0)
+    page.close()
+
+
 def test_cancel_stops_the_run_and_writes_nothing(browser, server: RunningServer) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
@@ -194,8 +284,11 @@ def test_cancel_stops_the_run_and_writes_nothing(browser, server: RunningServer)
     before = server.studio.gallery.count()
     page.locator("#txt2img-generate").click()
     expect(page.locator("#txt2img-results .progress-bar")).to_be_visible(timeout=20_000)
+    expect(page.locator(".ds-preview img")).to_be_visible(timeout=20_000)
     page.locator("#txt2img-cancel").click()
     expect(page.locator("#txt2img-results .progress-bar")).to_be_hidden(timeout=10_000)
+    expect(page.get_by_text("Cancelled; nothing was saved.")).to_be_visible(timeout=10_000)
+    expect(page.locator(".ds-preview img")).to_have_count(0)  # the unfinished picture is not left as if a result
     for _ in range(100):  # the engine sees the cancel at its next step
         if server.studio.pending == 0:
             break
