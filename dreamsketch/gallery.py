@@ -390,6 +390,10 @@ class Gallery:
 
         return self._run(replace_rows, write=True)
 
+    def refresh(self) -> None:
+        """Take in PNGs added to or removed from the folder behind the app's back (as at start)."""
+        self._open()
+
     def file_path(self, file_name: str) -> Path | None:
         """The path of a gallery PNG named in the index; None for anything else (traversal-proof)."""
         if not isinstance(file_name, str) or ".." in file_name or not _SAFE_NAME.fullmatch(file_name):
@@ -496,8 +500,8 @@ class Gallery:
             conn.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as conn:
+    def _transaction(self, create: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._connect(create) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -516,13 +520,16 @@ class Gallery:
             self._prepare_index()
 
     def _prepare_index(self) -> None:
+        """The index file, checked and in WAL mode. A missing table is made by _reconcile(), in the transaction that
+        fills it: meanwhile others find no table, open the gallery too and wait for that transaction, so a picture
+        saved during a rebuild is indexed after the PNGs already there, and the folder is scanned once."""
         with self._connect(create=True) as conn:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise _UnusableIndex(f"integrity check: {check}")
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(_SCHEMA)
-            _check_schema(conn)
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'").fetchone():
+                _check_schema(conn)
 
     def _move_index_aside(self, error: Exception) -> None:
         suffix = f".corrupt-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -535,12 +542,13 @@ class Gallery:
         )
 
     def _reconcile(self) -> None:
-        """Drop rows whose file is gone; add rows for PNGs with our metadata that have none."""
-        with self._connect() as conn:
+        """Drop rows whose file is gone; add rows for PNGs with our metadata that have none. The folder is read
+        inside the transaction: a save meanwhile waits, then adds its row."""
+        with self._transaction(create=True) as conn:
+            conn.execute(_SCHEMA)
             indexed = {row[0] for row in conn.execute("SELECT file_name FROM images")}
-        on_disk = self._png_names()
-        found = self._scan(on_disk - indexed)
-        with self._transaction() as conn:
+            on_disk = self._png_names()
+            found = self._scan(on_disk - indexed)
             gone = [(name,) for name in indexed - on_disk if not (self.folder / name).exists()]
             conn.executemany("DELETE FROM images WHERE file_name = ?", gone)
             conn.executemany(_INSERT_MISSING, [_row(name, meta, created) for name, meta, created in found])

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+import anyio
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
@@ -47,12 +48,14 @@ class Guard:
         self.auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        refusal = await self.refusal(scope) if scope["type"] == "http" else None
         await (refusal or self.app)(scope, receive, send)
 
-    def refusal(self, scope: Scope) -> Response | None:
+    async def refusal(self, scope: Scope) -> Response | None:
         path: str = scope["path"]
-        if path.startswith(FILE_ROUTE) and not self.may_serve(path.removeprefix(FILE_ROUTE)):
+        # The index is read in a thread: a query, or a rebuild of a lost index, must not hold up the event loop.
+        target = path.removeprefix(FILE_ROUTE)
+        if path.startswith(FILE_ROUTE) and not await anyio.to_thread.run_sync(self.may_serve, target):
             return error_reply(404, "not found")
         if self.auth and path.startswith(MCP_ROUTE) and not self.signed_in(scope, self.auth):
             return error_reply(401, "authentication required", {"WWW-Authenticate": 'Basic realm="DreamSketch"'})

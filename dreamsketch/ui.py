@@ -42,6 +42,7 @@ GPU_QUEUE = "gpu"
 # waiting for it, so several in flight let people share a batch. ZeroGPU leases a GPU to each call: one there.
 GPU_CONCURRENCY = 1 if os.environ.get("SPACES_ZERO_GPU") else MAX_BATCH_IMAGES
 GALLERY_PAGE = 24
+LAST_PAGE = 2**31  # the Gallery tab's "Oldest": past the last page, which gallery_page clamps to
 # A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
 PREVIEW_INTERVAL_S = 0.1
 WARNING_TOAST_CHARS = 300
@@ -607,16 +608,15 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
     )
     event.then(lambda: False, outputs=form.running, **hidden)
 
-    def cancelled(running: bool) -> tuple[Any, bool]:
-        """Say so, and take the unfinished picture out of the preview (the results are left as they were)."""
-        if not running:
-            return gr.skip(), False
-        gr.Info("Cancelled; nothing was saved.")
-        return None, False
+    def cancelled(running: bool) -> bool:
+        """Say so (a preview already on its way may still arrive: it is left to show where the run stopped)."""
+        if running:
+            gr.Info("Cancelled; nothing was saved.")
+        return False
 
-    cancel_outputs = [form.preview, form.running]  # queued: Gradio delivers gr.Info through its queue only
+    # Queued (unlike the other small events here): Gradio delivers gr.Info through its queue only.
     form.cancel.click(
-        cancelled, inputs=form.running, outputs=cancel_outputs, cancels=[event], show_progress="hidden", **PRIVATE
+        cancelled, inputs=form.running, outputs=form.running, cancels=[event], show_progress="hidden", **PRIVATE
     )
     form.fields["model_id"].input(
         lambda model_id: model_defaults(studio, model_id),
@@ -708,6 +708,7 @@ def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
 
 
 def gallery_page(studio: Studio, page: int) -> tuple[list[tuple[str, str]], list[int], str, int]:
+    """Page `page` (0: the newest; clamped, so LAST_PAGE is the oldest): pictures, their ids, the label, the page."""
     total = studio.gallery.count()
     pages = max(1, -(-total // GALLERY_PAGE))
     page = min(max(page, 0), pages - 1)
@@ -729,9 +730,11 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
     ids = gr.State([])
     chosen = gr.State(None)
     with gr.Row():
+        newest_btn = gr.Button("⏮ Newest", size="sm")
         prev_btn = gr.Button("◀ Newer", size="sm")
         label = gr.Markdown(elem_id="gallery-page-label")
         next_btn = gr.Button("Older ▶", size="sm")
+        oldest_btn = gr.Button("Oldest ⏭", size="sm")
         refresh = gr.Button("Refresh", size="sm")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=320):
@@ -758,9 +761,19 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
         return gr.Gallery(images, selected_index=None), entry_ids, text, page_number, None, "", None
 
     page_outputs = [grid, ids, label, page, chosen, params_text, details]
+
+    def refreshed(page_number: int):  # type: ignore[no-untyped-def]
+        try:
+            studio.gallery.refresh()  # pictures added to or removed from the folder by hand
+        except GalleryError as exc:
+            raise error(str(exc)) from None
+        return show(page_number)
+
+    newest_btn.click(lambda: show(0), outputs=page_outputs, **PRIVATE)
     prev_btn.click(lambda p: show(p - 1), inputs=page, outputs=page_outputs, **PRIVATE)
     next_btn.click(lambda p: show(p + 1), inputs=page, outputs=page_outputs, **PRIVATE)
-    refresh.click(show, inputs=page, outputs=page_outputs, **PRIVATE)
+    oldest_btn.click(lambda: show(LAST_PAGE), outputs=page_outputs, **PRIVATE)
+    refresh.click(refreshed, inputs=page, outputs=page_outputs, **PRIVATE)
 
     def select(entry_ids: list[int], evt: gr.SelectData):  # type: ignore[no-untyped-def]
         entry_id = entry_ids[evt.index] if 0 <= evt.index < len(entry_ids) else None

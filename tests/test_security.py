@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -268,6 +269,33 @@ def test_gradio_file_route_serves_gallery_pngs_and_nothing_else(open_server: Run
         assert b"SQLite format" not in body and b"private notes" not in body and b"root:" not in body, path
     status, body = raw_get(open_server.url, f"/gradio_api/file={quote(str(png))}")
     assert status == 200 and body.startswith(b"\x89PNG")
+
+
+def test_the_file_routes_gallery_check_holds_up_no_other_request(
+    open_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check ran on the event loop: while it read the index (seconds, when a lost index was being rebuilt),
+    the whole server stood still."""
+    png = a_gallery_png(open_server)
+    gallery = open_server.studio.gallery
+    holds, checking, release = gallery.holds, threading.Event(), threading.Event()
+
+    def slow_holds(path: Path) -> bool:
+        checking.set()
+        release.wait(30)
+        return holds(path)
+
+    monkeypatch.setattr(gallery, "holds", slow_holds)
+    replies: list[int] = []
+    fetch = threading.Thread(target=lambda: replies.append(raw_get(open_server.url, f"/gradio_api/file={png}")[0]))
+    fetch.start()
+    try:
+        assert checking.wait(30)
+        assert httpx.get(f"{open_server.url}/api/health", timeout=10).json() == {"status": "ok"}
+    finally:
+        release.set()
+        fetch.join(30)
+    assert replies == [200]
 
 
 @pytest.mark.parametrize(
