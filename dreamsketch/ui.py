@@ -429,8 +429,9 @@ class Handlers:
 
     async def stream(
         self, mode: Mode, values: dict[str, Any], progress: gr.Progress
-    ) -> AsyncIterator[tuple[Any, Any, Any]]:
-        """The browser's Generate: live preview every step, then the results."""
+    ) -> AsyncIterator[tuple[Any, Any, Any, Any]]:
+        """The browser's Generate: live preview every step, then the results, none of them picked yet (for the form's
+        preview, results, info and selected)."""
         try:
             request = self.studio.parse(request_fields(self.studio, mode, values), mode)
             progress((0, request.denoising_steps), desc="Waiting for the device", unit="steps")
@@ -439,13 +440,13 @@ class Handlers:
                     # Each yield hides Gradio's progress bar until the next progress message: yield only with a
                     # preview, and before the progress, so that the bar shows for the rest of the step.
                     if item.preview is not None:
-                        yield item.preview.resize((request.width, request.height)), gr.skip(), gr.skip()
+                        yield item.preview.resize((request.width, request.height)), gr.skip(), gr.skip(), gr.skip()
                     progress((item.step, item.total), desc="Denoising", unit="steps")
                 else:
                     for warning in item.warnings:  # the info has it whole; a toast must not cover the page
                         gr.Warning(html.escape(textwrap.shorten(warning, WARNING_TOAST_CHARS), quote=False))
                     first = item.generation.images[0] if item.generation.images else gr.skip()
-                    yield first, result_gallery(self.studio, item), result_info(item)
+                    yield first, result_gallery(self.studio, item), result_info(item), 0
         except Exception as exc:
             raise user_error(exc) from None
 
@@ -600,7 +601,7 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
     event = started.then(
         generate,
         inputs=inputs,
-        outputs=[form.preview, form.results, form.info],
+        outputs=[form.preview, form.results, form.info, form.selected],
         concurrency_id=GPU_QUEUE,
         concurrency_limit=GPU_CONCURRENCY,
         show_progress_on=[form.results],
@@ -653,7 +654,6 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
         return int(evt.index)
 
     form.results.select(select, outputs=form.selected, **PRIVATE)
-    form.results.change(lambda: 0, outputs=form.selected, **hidden)  # new results: none of them picked yet
     return event
 
 

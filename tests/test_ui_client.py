@@ -272,7 +272,7 @@ def test_the_browsers_stream_yields_only_previews_each_before_its_progress(tmp_p
     events: list[str] = []
 
     async def run() -> None:
-        async for _preview, results, _info in handlers.stream("txt2img", {"prompt": "x"}, progress):
+        async for _preview, results, _info, _selected in handlers.stream("txt2img", {"prompt": "x"}, progress):
             events.append("result" if isinstance(results, list) else "preview")
 
     def progress(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
