@@ -173,8 +173,18 @@ class LocalEngine:
             if job.cancelled:
                 self._withdraw(job)
             elif self._device_for(job):
+                batch: list[_Job] = []
                 try:
-                    self._run_batch(self._take_batch(job))
+                    batch = self._take_batch(job)
+                    for taken in batch:
+                        if taken.on_start is not None:
+                            taken.on_start()
+                    self._run_batch(batch)
+                except BaseException as exc:  # no request taken from the waiting list is left waiting
+                    for taken in batch:
+                        if not taken.done.is_set():
+                            taken.finish(error=exc)
+                    raise
                 finally:
                     self.lock.release()
                     with self._turn:
@@ -221,8 +231,6 @@ class LocalEngine:
                     self._waiting.remove(job)
                     batch.append(job)
                     images += job.request.batch_size
-                    if job.on_start is not None:
-                        job.on_start()
             self._turn.notify_all()  # the next in line can wait for the device now
         return batch
 

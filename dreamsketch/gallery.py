@@ -28,6 +28,7 @@ import math
 import os
 import re
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
@@ -337,6 +338,7 @@ class Gallery:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).resolve()
         self.index_path = self.folder / INDEX_NAME
+        self._opening = threading.Lock()  # one thread of this process opens (or rebuilds) at a time
         self._open()
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -449,12 +451,14 @@ class Gallery:
 
     def _open(self) -> None:
         """Open the gallery: create the index, or move a corrupt one aside and start a new one; then reconcile it
-        with the folder (a new index gets a row for each PNG). Also what brings back an index lost while open."""
+        with the folder (a new index gets a row for each PNG). Also what brings back an index lost while open: the
+        threads that find it lost meanwhile wait here, then find it whole."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._remove_orphans()
-            self._open_index()
-            self._reconcile()
+            with self._opening:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._remove_orphans()
+                self._open_index()
+                self._reconcile()
         except (OSError, sqlite3.Error) as error:
             raise GalleryError(f"could not open the gallery in {self.folder}: {_reason(error)}") from error
 
@@ -521,14 +525,13 @@ class Gallery:
 
     def _prepare_index(self) -> None:
         """The index file, checked and in WAL mode. A missing table is made by _reconcile(), in the transaction that
-        fills it: meanwhile others find no table, open the gallery too and wait for that transaction, so a picture
-        saved during a rebuild is indexed after the PNGs already there, and the folder is scanned once."""
+        fills it: until then no save can take an id before the PNGs already in the folder."""
         with self._connect(create=True) as conn:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise _UnusableIndex(f"integrity check: {check}")
             conn.execute("PRAGMA journal_mode=WAL")
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'").fetchone():
+            if _has_table(conn):
                 _check_schema(conn)
 
     def _move_index_aside(self, error: Exception) -> None:
@@ -542,13 +545,20 @@ class Gallery:
         )
 
     def _reconcile(self) -> None:
-        """Drop rows whose file is gone; add rows for PNGs with our metadata that have none. The folder is read
-        inside the transaction: a save meanwhile waits, then adds its row."""
+        """Drop rows whose file is gone; add rows for PNGs with our metadata that have none. The PNGs are read
+        first, with no lock held (a whole folder can take long: saves in other processes would time out waiting),
+        then in one transaction those that came meanwhile, and the rows are written."""
+        with self._connect(create=True) as conn:
+            indexed = {row[0] for row in conn.execute("SELECT file_name FROM images")} if _has_table(conn) else set()
+        scanned = self._png_names()
+        found = self._scan(scanned - indexed)
         with self._transaction(create=True) as conn:
             conn.execute(_SCHEMA)
             indexed = {row[0] for row in conn.execute("SELECT file_name FROM images")}
             on_disk = self._png_names()
-            found = self._scan(on_disk - indexed)
+            found = [item for item in found if item[0] in on_disk - indexed]  # still there, not indexed meanwhile
+            if arrived := on_disk - scanned - indexed:
+                found += self._scan(arrived)
             gone = [(name,) for name in indexed - on_disk if not (self.folder / name).exists()]
             conn.executemany("DELETE FROM images WHERE file_name = ?", gone)
             conn.executemany(_INSERT_MISSING, [_row(name, meta, created) for name, meta, created in found])
@@ -563,6 +573,10 @@ class Gallery:
         except BaseException:
             _remove_quietly(self.folder / file_name)
             raise
+
+
+def _has_table(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'").fetchone() is not None
 
 
 def _check_schema(conn: sqlite3.Connection) -> None:

@@ -470,6 +470,7 @@ class Form:
     reuse: gr.Button | None = None
     selected: gr.State | None = None  # the index of the result picked in `results`
     running: gr.State | None = None  # whether this page's Generate is running (for Cancel's message)
+    notice: gr.Markdown | None = None  # "Cancelled; nothing was saved." after a Cancel, until the next Generate
     suggestions: gr.Dataset | None = None  # txt2img only: the chosen model's suggested prompts
 
     @property
@@ -522,6 +523,7 @@ def build_form(studio: Studio, mode: Mode) -> Form:
             with gr.Row():
                 form.generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
                 form.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")
+            form.notice = gr.Markdown(elem_id=f"{mode}-notice")
         with gr.Column(scale=4, min_width=320):
             form.preview = gr.Image(label="Live preview", interactive=False, height=256, elem_classes="ds-preview")
             form.results = gr.Gallery(
@@ -587,7 +589,7 @@ def wire_api(studio: Studio, handlers: Handlers) -> None:
 def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
     """The form's events; returns its Generate event (the caller chains what follows a generation)."""
     assert form.generate and form.cancel and form.results and form.info and form.selected and form.preview
-    assert form.running
+    assert form.running and form.notice
     names = {component: name for name, component in form.fields.items()}
     inputs = set(form.fields.values())
     mode = form.mode
@@ -597,7 +599,7 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
             yield update
 
     hidden: dict[str, Any] = {"queue": False, "show_progress": "hidden", **PRIVATE}
-    started = form.generate.click(lambda: True, outputs=form.running, **hidden)
+    started = form.generate.click(lambda: (True, ""), outputs=[form.running, form.notice], **hidden)
     event = started.then(
         generate,
         inputs=inputs,
@@ -609,16 +611,12 @@ def wire_form(form: Form, handlers: Handlers, studio: Studio) -> Any:
     )
     event.then(lambda: False, outputs=form.running, **hidden)
 
-    def cancelled(running: bool) -> bool:
-        """Say so (a preview already on its way may still arrive: it is left to show where the run stopped)."""
-        if running:
-            gr.Info("Cancelled; nothing was saved.")
-        return False
+    def cancelled(running: bool) -> tuple[bool, Any]:
+        """Say so in the form: not queued (a full queue would refuse it, just when people cancel), so no toast."""
+        return False, "Cancelled; nothing was saved." if running else gr.skip()
 
-    # Queued (unlike the other small events here): Gradio delivers gr.Info through its queue only.
-    form.cancel.click(
-        cancelled, inputs=form.running, outputs=form.running, cancels=[event], show_progress="hidden", **PRIVATE
-    )
+    outputs = [form.running, form.notice]
+    form.cancel.click(cancelled, inputs=form.running, outputs=outputs, cancels=[event], **hidden)
     form.fields["model_id"].input(
         lambda model_id: model_defaults(studio, model_id),
         inputs=form.fields["model_id"],
@@ -952,12 +950,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
         status_outputs = [status_json, models_table, *model_fields]
         refresh_status.click(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
         status_tab.select(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)
-        demo.load(lambda: status_values(studio), outputs=status_outputs, **PRIVATE)  # "loaded" labels are current
+        # Not queued: with a small DREAMSKETCH_QUEUE_SIZE a page's load events alone filled the queue ("busy").
+        loaded: dict[str, Any] = {"queue": False, **PRIVATE}
+        demo.load(lambda: status_values(studio), outputs=status_outputs, **loaded)  # "loaded" labels are current
         gallery_tab.select(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
 
         def docs_for_this_page(request: gr.Request) -> str:
             return docs_markdown(studio, page_url(request))
 
-        demo.load(docs_for_this_page, outputs=docs, **PRIVATE)  # on a LAN or a Space, not 127.0.0.1
-        demo.load(show_page, inputs=page, outputs=page_outputs, **PRIVATE)
+        demo.load(docs_for_this_page, outputs=docs, **loaded)  # on a LAN or a Space, not 127.0.0.1
+        demo.load(show_page, inputs=page, outputs=page_outputs, **loaded)
     return demo

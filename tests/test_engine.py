@@ -478,6 +478,34 @@ def test_waiting_requests_take_the_device_in_the_order_they_came(engine):
     assert ran == [r.width for r in requests]
 
 
+def test_a_batch_that_fails_outside_the_pipeline_leaves_no_request_waiting(engine):
+    """Requests taken from the waiting list into a batch that failed before it ran (here a start callback that
+    raises) were in no list any more, and waited forever, cancel or not."""
+    outcomes: dict[int, object] = {}
+
+    def on_start(index):
+        if index == 1:
+            raise RuntimeError("broken callback")
+
+    def run(index):
+        try:
+            outcomes[index] = engine.generate(request(engine, seed=index), on_start=lambda: on_start(index))
+        except RuntimeError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(3)]
+    with engine.lock:
+        for thread in threads:
+            thread.start()
+        while len(engine._waiting) < 3:
+            threading.Event().wait(0.01)
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert all(isinstance(outcomes[index], RuntimeError) for index in range(3)) and engine._waiting == []
+    assert len(engine.generate(request(engine)).images) == 1
+
+
 def test_a_cancelled_request_leaves_its_batch_running(engine):
     cancel = threading.Event()
     requests = [request(engine, seed=1, steps=6), request(engine, seed=2, steps=6)]

@@ -459,6 +459,27 @@ def test_a_picture_saved_while_the_index_is_rebuilt_is_indexed_after_the_older_o
     assert [entry.file_name for entry in gallery.list()[1:]] == [entry.file_name for entry in entries[::-1]]
 
 
+def test_a_save_from_another_process_does_not_wait_out_a_rebuilds_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild read the whole folder holding the index's write lock: a save from another process waited its busy
+    timeout out ("database is locked") and its picture was lost."""
+    _three_and_a_foreign_png(tmp_path)
+    rebuilding, other = Gallery(tmp_path), Gallery(tmp_path)  # two processes' galleries, as far as locks go
+    (tmp_path / "gallery.sqlite3").unlink()
+    monkeypatch.setattr(gallery_module, "BUSY_TIMEOUT_S", 0.2)
+    scan, saved = Gallery._scan, []
+
+    def save_elsewhere_during_the_scan(self: Gallery, names: set[str]) -> list:
+        if self is rebuilding and not saved:
+            saved.append(other.save(image(), replace(META, seed=99)))
+        return scan(self, names)
+
+    monkeypatch.setattr(Gallery, "_scan", save_elsewhere_during_the_scan)
+    assert rebuilding.count() == 4
+    assert saved[0].id == 4 and [entry.meta.seed for entry in rebuilding.list()] == [99, 2, 1, 0]
+
+
 def test_a_lost_index_is_rebuilt_once_for_all_who_find_it_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each request that found the index gone scanned every PNG again (8 at once at 30,000 PNGs: 45 s each)."""
     _three_and_a_foreign_png(tmp_path)
