@@ -403,6 +403,17 @@ def test_latent_preview_uses_the_family_matrix():
     assert tuple(np.asarray(latent_preview(-9 * latents, "sdxl"))[0, 0]) == (0, 0, 0)
 
 
+def start_while_busy(engine, threads):
+    """Start the threads while the device is held, so that all their requests wait; then let them run, and join."""
+    with engine.lock:
+        for thread in threads:
+            thread.start()
+        while len(engine._waiting) < len(threads):
+            threading.Event().wait(0.01)
+    for thread in threads:
+        thread.join(120)
+
+
 def run_concurrently(engine, requests):
     """Start the requests while the device is held, so they queue up and can be merged."""
     results: dict[int, object] = {}
@@ -423,14 +434,7 @@ def run_concurrently(engine, requests):
     steps = {i: [] for i in range(len(requests))}
     pipe.__class__.__call__ = counting_call
     try:
-        threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(requests)]
-        with engine.lock:
-            for thread in threads:
-                thread.start()
-            while len(engine._waiting) < len(requests):
-                threading.Event().wait(0.01)
-        for thread in threads:
-            thread.join(120)
+        start_while_busy(engine, [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(requests)])
     finally:
         pipe.__class__.__call__ = original
     return results, calls, steps
@@ -494,13 +498,7 @@ def test_a_batch_that_fails_outside_the_pipeline_leaves_no_request_waiting(engin
             outcomes[index] = exc
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(3)]
-    with engine.lock:
-        for thread in threads:
-            thread.start()
-        while len(engine._waiting) < 3:
-            threading.Event().wait(0.01)
-    for thread in threads:
-        thread.join(30)
+    start_while_busy(engine, threads)
     assert not any(thread.is_alive() for thread in threads)
     assert all(isinstance(outcomes[index], RuntimeError) for index in range(3)) and engine._waiting == []
     assert len(engine.generate(request(engine)).images) == 1
@@ -522,13 +520,7 @@ def test_a_cancelled_request_leaves_its_batch_running(engine):
             cancel.set()
 
     threads = [threading.Thread(target=run, args=(0, cancel_at_two, cancel)), threading.Thread(target=run, args=(1,))]
-    with engine.lock:
-        for thread in threads:
-            thread.start()
-        while len(engine._waiting) < 2:
-            threading.Event().wait(0.01)
-    for thread in threads:
-        thread.join(120)
+    start_while_busy(engine, threads)
     assert isinstance(outcomes[0], GenerationCancelled)
     assert len(outcomes[1].images) == 1
 
