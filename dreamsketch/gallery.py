@@ -556,7 +556,8 @@ class Gallery:
             conn.execute(_SCHEMA)
             indexed = {row[0] for row in conn.execute("SELECT file_name FROM images")}
             on_disk = self._png_names()
-            found = [item for item in found if item[0] in on_disk - indexed]  # still there, not indexed meanwhile
+            unindexed = on_disk - indexed
+            found = [item for item in found if item[0] in unindexed]  # still there, not indexed meanwhile
             if arrived := on_disk - scanned - indexed:
                 found += self._scan(arrived)
             gone = [(name,) for name in indexed - on_disk if not (self.folder / name).exists()]
