@@ -173,22 +173,7 @@ class LocalEngine:
             if job.cancelled:
                 self._withdraw(job)
             elif self._device_for(job):
-                batch: list[_Job] = []
-                try:
-                    batch = self._take_batch(job)
-                    for taken in batch:
-                        if taken.on_start is not None:
-                            taken.on_start()
-                    self._run_batch(batch)
-                except BaseException as exc:  # no request taken from the waiting list is left waiting
-                    for taken in batch:
-                        if not taken.done.is_set():
-                            taken.finish(error=exc)
-                    raise
-                finally:
-                    self.lock.release()
-                    with self._turn:
-                        self._turn.notify_all()
+                self._run_turn(job)
         if job.error is not None:
             raise job.error
         assert job.result is not None
@@ -202,6 +187,26 @@ class LocalEngine:
                 self._turn.wait(CANCEL_POLL_S)
                 return False
         return self.lock.acquire(timeout=CANCEL_POLL_S)
+
+    def _run_turn(self, leader: _Job) -> None:
+        """With the device held: run the batch `leader` heads. Whatever happens, every request taken from the waiting
+        list is finished, the device is released and the waiting are woken."""
+        batch: list[_Job] = []
+        try:
+            batch = self._take_batch(leader)
+            for job in batch:
+                if job.on_start is not None:
+                    job.on_start()
+            self._run_batch(batch)
+        except BaseException as exc:
+            for job in batch:
+                if not job.done.is_set():
+                    job.finish(error=exc)
+            raise
+        finally:
+            self.lock.release()
+            with self._turn:
+                self._turn.notify_all()
 
     def _withdraw(self, job: _Job) -> None:
         """A cancelled request still waiting for the device leaves now, not when the running batch ends (until then
