@@ -664,11 +664,16 @@ def leave_as_is(message: str, outputs: int) -> list[Any]:
     return [gr.skip()] * outputs
 
 
+def picked(items: list[Any], selected: int) -> Any:
+    """The item of a result's list (seeds, file names) for the picked result, the first if none is picked."""
+    return items[min(max(selected, 0), len(items) - 1)]
+
+
 def reuse_parameters(studio: Studio, info: dict[str, Any], selected: int, names: tuple[str, ...]) -> list[Any]:
     parameters = dict(info["parameters"])
     seeds = info.get("seeds") or []
     if seeds:
-        parameters["seed"] = seeds[min(max(selected, 0), len(seeds) - 1)]
+        parameters["seed"] = picked(seeds, selected)
     return form_values(parameters, studio, names)
 
 
@@ -680,8 +685,7 @@ def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
         before this runs, with the server's path in its message, if the results were this event's input."""
         if not info or "parameters" not in info:
             return leave_as_is(NOTHING_GENERATED, len(send_outputs))
-        names = info["file_names"]
-        path = studio.gallery.folder / names[min(max(selected, 0), len(names) - 1)]
+        path = studio.gallery.folder / picked(info["file_names"], selected)
         if not studio.gallery.holds(path):
             return leave_as_is("This picture is no longer in the gallery.", len(send_outputs))
         parameters = reuse_parameters(studio, info, selected, i2i.restorable_names)
