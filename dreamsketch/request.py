@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -24,6 +27,9 @@ MAX_AREA_FACTOR = 4
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L")  # Pillow's modes for a 16-bit greyscale PNG
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 DEFAULT_STRENGTH = 0.6
 
 Mode = Literal["txt2img", "img2img"]
@@ -209,7 +215,13 @@ def _check_area(spec: ModelSpec, width: int, height: int) -> None:
 def check_image(value: Any) -> Image.Image:
     """An RGB image from PNG/JPEG/WebP bytes or a PIL image, within the size and pixel limits, as viewers show it."""
     if isinstance(value, Image.Image):
+        if value.format is not None and value.format not in IMAGE_FORMATS:
+            raise RequestError("image", f"must be a PNG, JPEG or WebP image (got {value.format})")
         _check_pixels(value.width, value.height)
+        try:
+            value.load()
+        except OSError:
+            raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
         return _as_shown(value)
     if not isinstance(value, bytes | bytearray):
         raise RequestError("image", "must be a PNG, JPEG or WebP file")
@@ -230,12 +242,34 @@ def check_image(value: Any) -> Image.Image:
         raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
 
 
+def decode_image(value: Any) -> bytes:
+    """Bytes from a base64 data URL ("data:image/png;base64,...") or bare base64, standard or URL-safe, with or
+    without its "=" padding."""
+    if not isinstance(value, str):
+        raise RequestError("image", "must be a base64 data URL string (data:image/png;base64,...)")
+    value = value.strip()
+    if _URL.match(value):
+        raise RequestError("image", "URLs are not accepted; send a base64 data URL (data:image/png;base64,...)")
+    payload = value
+    if value[:5].lower() == "data:":
+        header, comma, payload = value.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise RequestError("image", "must be a base64 data URL (data:image/png;base64,...)")
+    payload = "".join(payload.split()).translate(_URL_SAFE_TO_STANDARD)
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("image", "not valid base64") from None
+
+
 def _as_shown(image: Image.Image) -> Image.Image:
     """RGB turned upright by its EXIF orientation, with any transparency flattened onto white (as AUTOMATIC1111
     flattens img2img input)."""
     # Malformed EXIF (Pillow raises whatever its parser meets): the picture is used as stored, as viewers show it.
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_GREY:  # PNG's 16-bit grey: 0..65535, which convert() would clip at 255
+        image = image.convert("I").point(lambda value: value / 257).convert("L")
     if not image.has_transparency_data:
         return image.convert("RGB")
     white = Image.new("RGBA", image.size, "white")
@@ -243,5 +277,7 @@ def _as_shown(image: Image.Image) -> Image.Image:
 
 
 def _check_pixels(width: int, height: int) -> None:
+    if not width or not height:
+        raise RequestError("image", f"has no pixels (got {width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise RequestError("image", f"at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels (got {width}x{height})")

@@ -324,6 +324,22 @@ REFUSED: list[tuple[str, str, dict[str, Any], int, str]] = [
         400,
         "field 'steps'",
     ),
+    *[  # Python's int() would take the first four
+        (
+            f"form number {name}",
+            "/api/img2img",
+            {"data": {"seed": text}, "files": {"image": ("a.png", png_bytes())}},
+            400,
+            f"field 'seed': must be a number (got {text[:40]!r})",
+        )
+        for name, text in (
+            ("4_2", "4_2"),
+            ("fullwidth 1", "\uff11"),
+            ("+5", "+5"),
+            ("0x10", "0x10"),
+            ("5000 digits", "1" * 5000),
+        )
+    ],
     (
         "form nan",
         "/api/img2img",

@@ -3,12 +3,12 @@ import io
 import math
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from dreamsketch.api import decode_image
 from dreamsketch.registry import load_registry
-from dreamsketch.request import MAX_SEED, RequestError, check_image, parse_request
+from dreamsketch.request import MAX_SEED, RequestError, check_image, decode_image, parse_request
 from dreamsketch.schedulers import SCHEDULERS
 from tests.conftest import entry, write_registry
 
@@ -152,6 +152,31 @@ def test_bad_images(data, rule):
     assert error.value.field == "image"
 
 
+def test_sixteen_bit_grey_png_keeps_its_shades():
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0, 200, 32768, 65535]], dtype=np.uint16)).save(buffer, format="PNG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        assert opened.mode == "I;16"
+    image = check_image(buffer.getvalue())
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (0, 0, 0), (127, 127, 127), (255, 255, 255)]
+
+
+def test_pil_images_are_held_to_the_same_rules():
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(gif, format="GIF")
+    truncated = Image.open(io.BytesIO(png_bytes((64, 64))[:-30]))  # opens; its pixels cannot be read
+    for value, rule in (
+        (Image.open(gif), "must be a PNG, JPEG or WebP image (got GIF)"),
+        (truncated, "not a readable PNG, JPEG or WebP image"),
+        (Image.new("RGB", (0, 0)), "has no pixels (got 0x0)"),
+        (Image.new("RGB", (1, 0)), "has no pixels (got 1x0)"),
+    ):
+        with pytest.raises(RequestError) as error:
+            check_image(value)
+        assert str(error.value) == f"field 'image': {rule}"
+    assert check_image(Image.new("RGB", (4, 4), "red")).getpixel((0, 0)) == (255, 0, 0)  # made in memory: no format
+
+
 def test_decompression_bomb_header_is_refused_before_decoding():
     png = bytearray(png_bytes((1, 1)))
     png[16:24] = (100000).to_bytes(4, "big") * 2  # IHDR width and height
@@ -246,7 +271,15 @@ RAW = b"\xfb\xff\xbf\xfe"
 
 @pytest.mark.parametrize(
     "text",
-    ["+/+//g==", "+/+//g", "-_-__g==", "-_-__g", "data:image/png;base64,-_-__g", "DATA:image/png;BASE64,+/+/\n/g"],
+    [
+        "+/+//g==",
+        "+/+//g",
+        "-_-__g==",
+        "-_-__g",
+        "data:image/png;base64,-_-__g",
+        "DATA:image/png;BASE64,+/+/\n/g",
+        " \ndata:image/png;base64,+/+//g==\n",
+    ],
 )
 def test_base64_without_padding_or_url_safe_is_decoded(text):
     assert base64.b64encode(RAW) == b"+/+//g=="
