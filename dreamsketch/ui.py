@@ -31,7 +31,17 @@ from PIL import Image
 from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
 from dreamsketch.gallery import GalleryEntry, GalleryError, format_parameters, parse_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
-from dreamsketch.request import DEFAULT_STRENGTH, MAX_BATCH, MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, Mode
+from dreamsketch.request import (
+    DEFAULT_STRENGTH,
+    MAX_BATCH,
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    Mode,
+    RequestError,
+    decode_image,
+)
 from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from dreamsketch.studio import Studio, StudioBusy, StudioResult
 
@@ -73,17 +83,32 @@ FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "step
 
 
 def image_upload(**kwargs: Any) -> gr.Image:
-    """An image input (type="filepath") whose uploads Gradio cannot convert reach our own checks as they are: those
-    name the field, where Gradio's conversion error shows the server's paths. (A gr.Image subclass would make
-    Gradio write a .pyi stub next to this module.)"""
+    """An image input (type="filepath") whose uploads reach our own checks as they were sent: a data URL (MCP,
+    gradio_client's base64) as it is, where Gradio would decode it and save it again as WebP whatever it was, and a
+    file Gradio cannot convert as its path, where Gradio's conversion error shows the server's paths. (A gr.Image
+    subclass would make Gradio write a .pyi stub next to this module.)"""
     component = gr.Image(type="filepath", image_mode=None, **kwargs)
     convert = component.preprocess
 
     def preprocess(payload: Any) -> Any:
+        if payload is not None and (payload.url or "")[:5].lower() == "data:":
+            return payload.url
         try:
             return convert(payload)
         except Exception:  # whatever PIL makes of a bad file, request validation refuses it with a clear message
             return payload.path
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
+def text_input(value: str, label: str) -> gr.Textbox:
+    """A text input whose values reach our own checks as they were sent: Gradio's Textbox would make "5" of 5."""
+    component = gr.Textbox(value, label=label)
+    convert = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        return convert(payload) if isinstance(payload, str) else payload
 
     component.preprocess = preprocess  # type: ignore[method-assign]
     return component
@@ -214,10 +239,8 @@ def user_error(exc: BaseException) -> gr.Error:
 
 
 def request_fields(studio: Studio, mode: Mode, values: dict[str, Any]) -> dict[str, Any]:
-    """Component values -> studio.parse fields (an empty scheduler box -> None; image path -> its bytes)."""
+    """Component values -> studio.parse fields (the image's path or data URL -> its bytes)."""
     fields = {name: values.get(name) for name in (*FORM_FIELDS, "scheduler", "batch_size")}
-    if fields["scheduler"] == "":
-        fields["scheduler"] = None
     if mode == "img2img":
         fields["strength"] = values.get("strength")
         fields["image"] = read_upload(studio, values.get("image"))
@@ -225,10 +248,16 @@ def request_fields(studio: Studio, mode: Mode, values: dict[str, Any]) -> dict[s
 
 
 def read_upload(studio: Studio, path: Any) -> bytes | None:
-    """An image Gradio received: a file uploaded through Gradio, or a gallery picture (Send to img2img). Gradio's own
-    check lets any file in the gallery folder through (a static path): only PNGs named in the index are taken."""
+    """An image Gradio received: a data URL, a file uploaded through Gradio, or a gallery picture (Send to img2img).
+    Gradio's own check lets any file in the gallery folder through (a static path): only PNGs named in the index
+    are taken."""
     if not path:
         return None
+    if isinstance(path, str) and path[:5].lower() == "data:":
+        try:
+            return decode_image(path)
+        except RequestError as exc:
+            raise error(str(exc)) from None
     target = Path(path).resolve()
     if not (target.is_relative_to(Path(get_upload_folder()).resolve()) or studio.gallery.holds(target)):
         raise error("field 'image': not an uploaded file; upload the image")
@@ -552,9 +581,9 @@ def api_inputs(studio: Studio, mode: Mode) -> list[Any]:
     if mode == "img2img":
         inputs.append(image_upload(label="image"))
     inputs += [
-        gr.Textbox("", label="prompt"),
-        gr.Textbox("", label="negative_prompt"),
-        gr.Textbox(studio.default_model, label="model_id"),
+        text_input("", label="prompt"),
+        text_input("", label="negative_prompt"),
+        text_input(studio.default_model, label="model_id"),
     ]
     if mode == "img2img":
         inputs.append(gr.Number(DEFAULT_STRENGTH, label="strength"))
@@ -564,7 +593,7 @@ def api_inputs(studio: Studio, mode: Mode) -> list[Any]:
         gr.Number(None, label="steps"),
         gr.Number(None, label="guidance_scale"),
         gr.Number(-1, label="seed"),
-        gr.Textbox(DEFAULT_SCHEDULER, label="scheduler"),
+        text_input(DEFAULT_SCHEDULER, label="scheduler"),
         gr.Number(1, label="batch_size"),
     ]
     return inputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from collections.abc import Iterator
@@ -86,19 +87,70 @@ def test_txt2img_bad_values_are_refused(client: Client, server: RunningServer, f
 POSITIONS = {"steps": 5, "guidance_scale": 6, "seed": 7}
 
 
+def call_route(server: RunningServer, api_name: str, data: str) -> str:
+    """The events of a call on Gradio's /call route, with `data` (a JSON array's items) sent as they are."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        reply = http.post(f"/gradio_api/call/{api_name}", content=f'{{"data": [{data}]}}',
+                          headers={"content-type": "application/json"})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        return http.get(f"/gradio_api/call/{api_name}/{reply.json()['event_id']}").text
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 @pytest.mark.parametrize("field", POSITIONS)
 def test_nan_and_infinities_on_gradios_call_route(server: RunningServer, field: str, literal: str) -> None:
     data = ['"x"', '""', '"tiny-demo"', "64", "64", "1", "7.5", "-1", '"Default"', "1"]
     data[POSITIONS[field]] = literal
     before = server.studio.gallery.count()
-    with httpx.Client(base_url=server.url, timeout=60) as http:
-        reply = http.post("/gradio_api/call/txt2img", content=f'{{"data": [{", ".join(data)}]}}',
-                          headers={"content-type": "application/json"})  # fmt: skip
-        assert reply.status_code == 200, reply.text
-        events = http.get(f"/gradio_api/call/txt2img/{reply.json()['event_id']}").text
+    events = call_route(server, "txt2img", ", ".join(data))
     assert "event: error" in events and f"field '{field}'" in events and "Traceback" not in events, events
     assert server.studio.gallery.count() == before
+
+
+def img2img_with_data_url(server: RunningServer, data_url: str) -> str:
+    """img2img on Gradio's /call route with the image as a data URL, as MCP clients send it."""
+    image = json.dumps({"url": data_url, "meta": {"_type": "gradio.FileData"}})
+    return call_route(server, "img2img", f'{image}, "x", "", "tiny-demo", 1.0, 64, 64, 1, 7.5, 5, "Default", 1')
+
+
+DATA_URLS = [
+    ("gif", image_bytes("GIF"), "field 'image': not a readable PNG, JPEG or WebP image"),
+    ("truncated png", image_bytes("PNG")[:80], "field 'image': not a readable PNG, JPEG or WebP image"),
+    ("over 20 MB", image_bytes("PNG") + b"\0" * (20 * 1024 * 1024), "field 'image': at most 20 MB"),
+    ("100000x100000 header", png_claiming(100_000, 100_000), "field 'image': at most 40 megapixels"),
+    ("empty", b"", "field 'image': is empty (0 bytes)"),
+]
+
+
+@pytest.mark.parametrize(("data", "words"), [d[1:] for d in DATA_URLS], ids=[d[0] for d in DATA_URLS])
+def test_img2img_data_urls_meet_the_same_rules(server: RunningServer, data: bytes, words: str) -> None:
+    """Gradio would decode a data URL itself and save it again as WebP, whatever it was: it reaches our checks."""
+    before = server.studio.gallery.count()
+    events = img2img_with_data_url(server, "data:image/png;base64," + base64.b64encode(data).decode())
+    assert "event: error" in events and words in events and "Traceback" not in events, events[-500:]
+    assert server.studio.gallery.count() == before
+
+
+def test_img2img_data_url_of_a_png_is_used(server: RunningServer) -> None:
+    events = img2img_with_data_url(server, "data:image/png;base64," + base64.b64encode(image_bytes("PNG")).decode())
+    assert "event: complete" in events, events[-500:]
+    assert server.studio.gallery.list(limit=1)[0].meta.strength == 1.0
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"prompt": 5}, "field 'prompt': must be a string"),
+        ({"negative_prompt": ["x"]}, "field 'negative_prompt': must be a string"),
+        ({"model_id": 7}, "field 'model_id': must be one of"),
+        ({"scheduler": ""}, "field 'scheduler': must be Default"),
+    ],
+)
+def test_text_fields_take_only_their_own_values(
+    client: Client, server: RunningServer, fields: dict, words: str
+) -> None:
+    """As over HTTP: Gradio's Textbox would make the text "5" of the number 5."""
+    refused(client, server, "/txt2img", words, **{"prompt": "x", **FAST, **fields})
 
 
 @pytest.mark.parametrize("value", ["twenty", "", "1e3", [64]])
