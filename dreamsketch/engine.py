@@ -361,11 +361,11 @@ def prompt_warnings(pipe, request: GenerationRequest) -> list[str]:  # type: ign
     limit = tokenizer.model_max_length
     warnings = []
     for field_name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-        ids = tokenizer(text, truncation=False, add_special_tokens=True).input_ids
-        if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit - 1 : -1]).strip()
+        tokens = tokenizer(text, truncation=False, add_special_tokens=False, return_offsets_mapping=True)
+        if len(tokens.input_ids) > limit - 2:
+            dropped = text[tokens.offset_mapping[limit - 2][0] :].strip()  # as written, not as tokens decode
             warnings.append(
-                f"{field_name} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, "
+                f"{field_name} is {len(tokens.input_ids)} tokens; the text encoder reads {limit - 2}, "
                 f"so this part is ignored: {dropped!r}"
             )
     return warnings

@@ -336,9 +336,12 @@ def test_long_prompt_is_reported_not_silently_dropped(engine):
     # The tiny tokenizer reads one token per character: 75 fit between the start and end markers.
     prompt = "a" * 75 + "XYZ tail"
     generation = engine.generate(request(engine, prompt=prompt, negative_prompt="short"))
-    expected = "prompt is 82 tokens; the text encoder reads 75, so this part is ignored: 'xyz tail'"
-    assert generation.warnings == [expected]  # CLIP lower-cases; the space is part of the word before it
+    expected = "prompt is 82 tokens; the text encoder reads 75, so this part is ignored: 'XYZ tail'"
+    assert generation.warnings == [expected]  # the words as written (CLIP's tokens are lower-cased)
     assert engine.generate(request(engine, prompt="a" * 75)).warnings == []
+    # An emoji is 4 byte tokens and the first fox is read only in part: the quote starts at a whole character.
+    (warning,) = engine.generate(request(engine, prompt="a" * 74 + "🦊🦊 tail")).warnings
+    assert warning == "prompt is 86 tokens; the text encoder reads 75, so this part is ignored: '🦊🦊 tail'"
 
 
 def test_half_precision_vae_nan_is_decoded_again_in_fp32(settings):
