@@ -4,6 +4,7 @@ Importing this module builds the server (`app`: the FastAPI app with the HTTP AP
 Blocks), so `uvicorn app:app` works too."""
 
 import logging
+import sys
 
 from dreamsketch.config import SettingsError
 from dreamsketch.registry import RegistryError
@@ -22,3 +23,6 @@ if __name__ == "__main__":
         serve(studio, app)
     except SettingsError as exc:  # the address cannot be listened on
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:  # Ctrl-C, after the server has stopped: one line, as `python -m dreamsketch` says it
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

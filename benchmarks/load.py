@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -65,8 +66,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(folder: Path, queue_size: int, timeout: float = 120.0) -> Iterator[tuple[str, psutil.Process]]:
-    """`python -m dreamsketch serve` with tiny-demo on a free port (its own process, so its memory is its own)."""
+def server_process(
+    folder: Path, queue_size: int, timeout: float = 120.0, command: tuple[str, ...] = ("-m", "dreamsketch", "serve")
+) -> Iterator[tuple[str, psutil.Process]]:
+    """`python -m dreamsketch serve` (or `command` after `python`) with tiny-demo on a free port, in its own process
+    (so its memory is its own), with Ctrl-C's default handling (a background job ignores SIGINT)."""
     port = free_port()
     env = {
         **os.environ,
@@ -80,7 +84,13 @@ def server_process(folder: Path, queue_size: int, timeout: float = 120.0) -> Ite
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
     log = open(folder / "server.log", "wb")  # noqa: SIM115 (closed below, after the process)
-    process = subprocess.Popen([sys.executable, "-m", "dreamsketch", "serve"], env=env, stdout=log, stderr=log)
+    process = subprocess.Popen(
+        [sys.executable, *command],
+        env=env,
+        stdout=log,
+        stderr=log,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

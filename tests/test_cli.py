@@ -301,6 +301,16 @@ def test_listening_on_every_ipv6_address_takes_ipv4_too_as_the_start_up_line_say
     assert Settings(server_name="::1", server_port=8000).local_url == "http://[::1]:8000"
 
 
+def test_ctrl_c_on_app_py_ends_with_one_line(tmp_path):
+    """`make run` is `python app.py`: after the server stopped, Ctrl-C ended in KeyboardInterrupt's traceback."""
+    app_py = str(Path(__file__).resolve().parent.parent / "app.py")
+    with server_process(tmp_path, queue_size=4, command=(app_py,)) as (_url, process):
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130  # psutil: raises TimeoutExpired if it is still running
+    log = (tmp_path / "server.log").read_text()
+    assert log.rstrip().endswith("interrupted") and "Traceback" not in log, log[-2000:]
+
+
 def test_serve_logs_what_it_uses_and_stops_on_sigterm_while_a_browser_tab_is_open(tmp_path):
     """A browser tab keeps a heartbeat stream open, and the server waited for it to close before it stopped."""
     with (
