@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import logging
 import os
 import time
@@ -42,6 +43,11 @@ PIPELINE_CLASSES: dict[str, tuple[type[DiffusionPipeline], type[DiffusionPipelin
     "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# What loading a pipeline raises for files that do not fit together (configs against weights, an unknown class).
+DAMAGED = (ValueError, KeyError, TypeError, AttributeError, RuntimeError)
+NOT_LOADED = {"safety_checker"}  # components of model_index.json that DreamSketch loads as None
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+TOKENIZER_PROBE = "a photo of a cat"
 HUB_URL = "https://huggingface.co"
 
 
@@ -99,8 +105,39 @@ def hub_cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
+def cached_index(repo_id: str) -> Path | None:
+    """The repo's model_index.json in the local Hugging Face cache, if it is there."""
+    found = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache_dir())
+    return Path(found) if isinstance(found, str) else None
+
+
 def is_cached(repo_id: str) -> bool:
-    return isinstance(try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache_dir()), str)
+    """Whether the repo's pipeline configs are in the local cache (enough for a single file's `config`)."""
+    return cached_index(repo_id) is not None
+
+
+def missing_components(folder: Path) -> list[str]:
+    """The components of the diffusers pipeline in `folder` whose files are not there: an interrupted download
+    leaves model_index.json without some of them, and a model without weights must not look ready."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["model_index.json"]
+    missing = []
+    for name, value in index.items():
+        if name in NOT_LOADED or not isinstance(value, list) or None in value:
+            continue
+        files = [path.name for path in (folder / name).glob("*") if path.is_file()]
+        has_weights = any(file.endswith(WEIGHT_SUFFIXES) for file in files)
+        if not files or ("config.json" in files and not has_weights):
+            missing.append(name)
+    return missing
+
+
+def complete_snapshot(repo_id: str) -> bool:
+    """Whether the whole pipeline of a Hub repo is in the local cache."""
+    index = cached_index(repo_id)
+    return index is not None and not missing_components(index.parent)
 
 
 @cache
@@ -123,10 +160,10 @@ def is_available(spec: ModelSpec) -> bool:
     if kind == "builtin":
         return True
     if kind == "folder":
-        return is_diffusers_folder(spec.source)
+        return is_diffusers_folder(spec.source) and not missing_components(Path(spec.source))
     if kind == "single_file":
         return Path(spec.source).is_file() and config_available(spec)
-    return is_cached(spec.source) or hub_reachable()
+    return complete_snapshot(spec.source) or hub_reachable()
 
 
 USABLE_NOW = ("ready offline", "needs download")  # the weights_state()s of a model that is_available()
@@ -135,7 +172,7 @@ USABLE_NOW = ("ready offline", "needs download")  # the weights_state()s of a mo
 def weights_state(spec: ModelSpec) -> str:
     """Where a model's weights stand, in the words the browser and the CLI show."""
     if spec.source_kind == "hub":
-        if is_cached(spec.source):
+        if complete_snapshot(spec.source):
             return "ready offline"
         return "needs download" if hub_reachable() else "not cached, Hub offline"
     if is_available(spec):
@@ -156,7 +193,13 @@ def config_available(spec: ModelSpec) -> bool:
 def unavailable_reason(spec: ModelSpec) -> str:
     """Why is_available(spec) is False."""
     if spec.source_kind == "hub":
-        return f"not in the local cache and {hub_unusable()}"
+        index = cached_index(spec.source)
+        if index is None:
+            return f"not in the local cache and {hub_unusable()}"
+        missing = ", ".join(missing_components(index.parent))
+        return f"the local cache lacks its {missing} (an interrupted download?) and {hub_unusable()}"
+    if spec.source_kind == "folder" and is_diffusers_folder(spec.source):
+        return f"the folder lacks its {', '.join(missing_components(Path(spec.source)))}"
     if spec.source_kind != "single_file" or not Path(spec.source).is_file():
         return "the weights are not where `source` points"
     return configs_missing(spec)
@@ -202,6 +245,24 @@ def check_family(spec: ModelSpec, pipe: Any) -> None:
     missing = [name for name in needed if getattr(pipe, name, None) is None]
     if missing:
         raise ModelUnavailableError(unavailable_message(spec, f"the pipeline has no {', '.join(missing)}"))
+    for suffix in ("", "_2") if sdxl else ("",):
+        problem = tokenizer_problem(getattr(pipe, f"tokenizer{suffix}"), getattr(pipe, f"text_encoder{suffix}"))
+        if problem:
+            raise ModelUnavailableError(unavailable_message(spec, f"its tokenizer{suffix} {problem}"))
+
+
+def tokenizer_problem(tokenizer: Any, text_encoder: Any) -> str | None:
+    """Why a tokenizer does not fit its text encoder: missing tokenizer files load as a tokenizer of a few special
+    tokens (pictures that ignore the prompt) or of unbounded length (every request fails)."""
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        return f"reads {tokenizer.model_max_length} tokens, more than the text encoder's {positions}"
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        return f"has {len(tokenizer)} tokens, more than the text encoder's {text_encoder.config.vocab_size}"
+    words = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
+    if not words or tokenizer.unk_token_id in words:
+        return f"does not know the words of {TOKENIZER_PROBE!r} (its files are missing or damaged)"
+    return None
 
 
 class PipelineCache:
@@ -286,6 +347,13 @@ class PipelineCache:
             raise ModelUnavailableError(unavailable_message(spec, "no such repo on the Hub")) from None
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             raise ModelUnavailableError(unavailable_message(spec, f"the weights could not be read ({exc})")) from None
+        except ModelUnavailableError:  # a single file's own (a RuntimeError, which DAMAGED holds)
+            raise
+        except DAMAGED as exc:  # configs and weights that do not fit each other, or a class that does not exist
+            log.warning("loading %s failed", spec.id, exc_info=True)
+            raise ModelUnavailableError(
+                unavailable_message(spec, f"its files do not fit together ({brief(exc)})")
+            ) from None
 
     def _load_single_file(self, spec: ModelSpec, pipeline_class: Any, extra: dict[str, Any]) -> Any:
         """The weights come from the file; the pipeline's configs (and tokenizer) from `config`."""
@@ -301,12 +369,23 @@ class PipelineCache:
             )
         except LocalEntryNotFoundError:
             raise ModelUnavailableError(unavailable_message(spec, configs_missing(spec))) from None
-        except ValueError as exc:  # weights of other shapes than the configs describe
+        except DAMAGED as exc:  # weights of other shapes or names than the configs describe
+            log.warning("loading %s failed", spec.id, exc_info=True)
             configs = f"`config` ({spec.config})" if spec.config else "the configs diffusers chose for it"
-            detail = str(exc).split(". ")[0]  # the rest advises loading with random weights
             raise ModelUnavailableError(
-                unavailable_message(spec, f"the checkpoint does not fit {configs} ({detail})")
+                unavailable_message(spec, f"the checkpoint does not fit {configs} ({brief(exc)})")
             ) from None
+
+
+def brief(exc: BaseException) -> str:
+    """An error's first sentence, for a message (diffusers and transformers add advice and whole tables)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0]
+    if "ignore_mismatched_sizes" in text:  # transformers logs its table of shapes and raises only this
+        text = "weights of other shapes than a config.json describes"
+    if isinstance(exc, KeyError) or not text:
+        text = f"{type(exc).__name__}: {text}"
+    return text[:300]
 
 
 def quiet_model_loading() -> None:

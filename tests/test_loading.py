@@ -148,6 +148,64 @@ def test_a_pipeline_without_its_text_encoder_is_refused_at_load(settings, tmp_pa
     assert engine.loaded_ids() == []
 
 
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def doubled(path, *keys):
+    config = json.loads(path.read_text())
+    edit_json(
+        path,
+        **{key: [v * 2 for v in config[key]] if isinstance(config[key], list) else config[key] * 2 for key in keys},
+    )
+
+
+DAMAGES = {  # QA found each of these failing with a traceback (and `preload --all` stopping at the first)
+    "unet config against its weights": lambda folder: doubled(folder / "unet" / "config.json", "block_out_channels"),
+    "a class that does not exist": lambda folder: edit_json(folder / "model_index.json", unet=["diffusers", "NoUNet"]),
+    "text encoder config against its weights": lambda folder: doubled(
+        folder / "text_encoder" / "config.json", "hidden_size", "intermediate_size"
+    ),
+    "tokenizer with only its config": lambda folder: [
+        path.unlink() for path in (folder / "tokenizer").iterdir() if path.name != "tokenizer_config.json"
+    ],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_files_that_do_not_fit_together_are_refused_and_leave_the_loaded_model(
+    settings, tmp_path, tiny_pipeline_dir, damage
+):
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "damaged")
+    DAMAGES[damage](folder)
+    registry = write_registry(tmp_path / "d.yaml", [entry("tiny-demo", "builtin:tiny"), entry("damaged", str(folder))])
+    engine = LocalEngine(settings, load_registry(registry))
+    engine.preload("tiny-demo")
+    with pytest.raises(ModelUnavailableError, match="Model 'damaged'.*cannot be loaded: its .*Check `source`"):
+        engine.preload("damaged")
+    assert engine.loaded_ids() == ["tiny-demo"]
+
+
+def test_a_folder_or_cached_repo_without_some_components_is_not_ready(hub_settings, tmp_path, tiny_pipeline_dir):
+    """An interrupted download leaves model_index.json without some components: such a model was listed "ready
+    offline", could become the default, and failed at the first picture (an empty tokenizer folder: at every one)."""
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "partial")
+    for path in (folder / "tokenizer").iterdir():
+        path.unlink()
+    snapshot = next((tmp_path / "hf-home" / "hub").glob("models--*/snapshots/*"))
+    for path in (snapshot / "unet").glob("*.safetensors"):
+        path.unlink()
+    models = [entry("partial-folder", str(folder)), entry("partial-hub", TINY_REPO), entry("tiny-demo", "builtin:tiny")]
+    studio = Studio(dataclasses.replace(hub_settings, models_file=write_registry(tmp_path / "p.yaml", models)))
+    weights = {m["id"]: (m["weights"], m["available"]) for m in studio.models()}
+    assert weights["partial-folder"] == ("configs not found", False)
+    assert weights["partial-hub"] == ("not cached, Hub offline", False)
+    assert studio.default_model == "tiny-demo"
+    for model_id, words in (("partial-folder", "the folder lacks its tokenizer"), ("partial-hub", "lacks its unet")):
+        with pytest.raises(ModelUnavailableError, match=f"'{model_id}'.*{words}"):
+            studio.engine.preload(model_id)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs neither device")
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 def test_a_device_that_is_not_there_fails_at_start_naming_the_setting(settings, device):

@@ -16,6 +16,7 @@ from dreamsketch.gallery import read_parameters
 from dreamsketch.pipelines import ModelUnavailableError, hub_offline, is_available
 from dreamsketch.registry import load_registry
 from dreamsketch.studio import Studio
+from dreamsketch.tiny import build_tiny_sdxl_pipeline
 from tests.conftest import TINY_REPO, entry, lay_into_hub_cache, write_registry
 from tests.ldm_checkpoint import save_checkpoint
 
@@ -152,4 +153,17 @@ def test_checkpoint_that_does_not_fit_its_config_names_both(settings, tmp_path, 
     engine = LocalEngine(settings, load_registry(registry))
     with pytest.raises(ModelUnavailableError, match=r"'tiny-file'.*does not fit `config` \(.*other-config\)"):
         engine.preload("tiny-file")
+    assert engine.loaded_ids() == []
+
+
+def test_checkpoint_of_the_other_family_is_refused_not_a_traceback(settings, tmp_path, checkpoints):
+    """An SD 1.5 checkpoint with an SDXL `config`: diffusers' converter raised a KeyError, a traceback in the CLI."""
+    xl_config = tmp_path / "xl-config"
+    build_tiny_sdxl_pipeline().save_pretrained(xl_config)
+    for weights in [*xl_config.glob("*/*.safetensors"), *xl_config.glob("*/*.bin")]:
+        weights.unlink()
+    model = entry("sd15-as-xl", str(checkpoints[".safetensors"]), family="sdxl", config=str(xl_config))
+    engine = LocalEngine(settings, load_registry(write_registry(tmp_path / "xl.yaml", [model])))
+    with pytest.raises(ModelUnavailableError, match=r"'sd15-as-xl'.*does not fit `config` \(.*xl-config\) \(KeyError"):
+        engine.preload("sd15-as-xl")
     assert engine.loaded_ids() == []
