@@ -17,7 +17,7 @@ import transformers
 from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
-from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
+from dreamsketch.gallery import Gallery, GalleryEntry, GalleryError, ImageMeta
 from dreamsketch.pipelines import USABLE_NOW, is_available, weights_state
 from dreamsketch.registry import Registry, load_registry
 from dreamsketch.remote import RemoteEngine
@@ -134,12 +134,23 @@ class Studio:
             with self._pending_lock:
                 self._pending -= 1
                 self._cancels.discard(cancel)
-        done = generation.request
-        entries = [
-            self.gallery.save(image, image_meta(done, seed, generation.scheduler))
-            for image, seed in zip(generation.images, generation.seeds, strict=True)
-        ]
-        return StudioResult(generation, entries)
+        return StudioResult(generation, self._save_whole(generation))
+
+    def _save_whole(self, generation: Generation) -> list[GalleryEntry]:
+        """The generation's pictures in the gallery, all of them or none: a disk that fills up, or Ctrl-C, between
+        two pictures of a batch takes the ones saved before it away again."""
+        entries: list[GalleryEntry] = []
+        try:
+            for image, seed in zip(generation.images, generation.seeds, strict=True):
+                entries.append(self.gallery.save(image, image_meta(generation.request, seed, generation.scheduler)))
+        except BaseException:
+            for entry in entries:
+                try:
+                    self.gallery.delete(entry.id)
+                except GalleryError:
+                    log.exception("could not take back picture %s of a batch that was not saved whole", entry.id)
+            raise
+        return entries
 
     def shut_down(self) -> None:
         """Refuse new requests and cancel the running and waiting ones: each stops within a step, saves nothing, and

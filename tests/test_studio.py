@@ -6,7 +6,7 @@ from PIL import Image
 
 import dreamsketch.engine
 from dreamsketch.engine import GenerationCancelled
-from dreamsketch.gallery import meta_from_parameters, read_parameters
+from dreamsketch.gallery import GalleryError, meta_from_parameters, read_parameters
 from dreamsketch.request import RequestError
 from dreamsketch.studio import SHUTTING_DOWN, Studio, StudioBusy
 
@@ -34,6 +34,27 @@ def test_refused_and_cancelled_requests_write_nothing(studio):
     cancel.set()
     with pytest.raises(GenerationCancelled):
         studio.generate(studio.parse({"prompt": "x"}, "txt2img"), cancel=cancel)
+    assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
+
+
+@pytest.mark.parametrize(
+    "failure", [GalleryError("could not save image: No space left on device"), KeyboardInterrupt()]
+)
+def test_a_batch_is_saved_whole_or_not_at_all(studio, monkeypatch, failure):
+    """A disk that fills up, or Ctrl-C in the CLI, at the third picture of a batch left the first two saved."""
+    save = studio.gallery.save
+    saved = []
+
+    def save_two_then_fail(image, meta):
+        if len(saved) == 2:
+            raise failure
+        saved.append(save(image, meta))
+        return saved[-1]
+
+    monkeypatch.setattr(studio.gallery, "save", save_two_then_fail)
+    with pytest.raises(type(failure)):
+        studio.generate(studio.parse({"prompt": "x", "batch_size": 4}, "txt2img"))
+    assert len(saved) == 2
     assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
 
 
