@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from dreamsketch.config import Settings
-from dreamsketch.pipelines import LoadedModel, PipelineCache, free_memory
-from dreamsketch.registry import Registry
+from dreamsketch.pipelines import USABLE_NOW, LoadedModel, PipelineCache, free_memory, weights_state
+from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import GenerationRequest
 from dreamsketch.schedulers import prepare_for_call, scheduler_name
 
@@ -157,6 +157,11 @@ class LocalEngine:
 
     def loaded_ids(self) -> list[str]:
         return list(self.cache.loaded)
+
+    def model_state(self, spec: ModelSpec) -> tuple[str, bool]:
+        """Where the model's weights stand, in the words the browser and the CLI show, and whether it can run now."""
+        state = weights_state(spec)  # looks at the disk (and the Hub)
+        return state, state in USABLE_NOW
 
     def generate(
         self,

@@ -50,6 +50,14 @@ class RemoteEngine:
     def loaded_ids(self) -> list[str]:
         return []
 
+    def model_state(self, spec: ModelSpec) -> tuple[str, bool]:
+        """What the service can run, in the words the browser and the CLI show, and whether it can run it."""
+        if self.base_url:
+            return "on your endpoint", True
+        if spec.source_kind == "hub":
+            return "on the Inference API", True
+        return "local only (USE_LOCAL_MODELS=true)", False
+
     def generate(
         self,
         request: GenerationRequest,

@@ -18,7 +18,7 @@ from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
 from dreamsketch.gallery import Gallery, GalleryEntry, GalleryError, ImageMeta
-from dreamsketch.pipelines import USABLE_NOW, is_available, weights_state
+from dreamsketch.pipelines import is_available
 from dreamsketch.registry import Registry, load_registry
 from dreamsketch.remote import RemoteEngine
 from dreamsketch.request import GenerationRequest, Mode, parse_request
@@ -110,7 +110,8 @@ class Studio:
             if self.closing.is_set():
                 raise StudioBusy(SHUTTING_DOWN)
             if counted and self._waiting >= self.settings.queue_size:
-                raise StudioBusy(f"busy: {self._waiting} requests are waiting for the device; try again in a moment")
+                waiting = "1 request is" if self._waiting == 1 else f"{self._waiting} requests are"
+                raise StudioBusy(f"busy: {waiting} waiting for the device; try again in a moment")
             self._pending += 1
             self._waiting += counted
             self._cancels.add(cancel)
@@ -169,7 +170,7 @@ class Studio:
         loaded = set(self.engine.loaded_ids())
         rows = []
         for spec in self.registry:
-            weights = weights_state(spec)  # looks at the disk (and the Hub) once per model
+            weights, available = self.engine.model_state(spec)
             rows.append(
                 {
                     "id": spec.id,
@@ -180,7 +181,7 @@ class Studio:
                     "steps": spec.steps,
                     "guidance_scale": spec.guidance_scale,
                     "loaded": spec.id in loaded,
-                    "available": weights in USABLE_NOW,
+                    "available": available,
                     "weights": weights,
                 }
             )

@@ -425,7 +425,7 @@ class Handlers:
         """Transform an input image following a text prompt; the images are saved to the gallery.
 
         Args:
-            image: The input image (PNG, JPEG or WebP, at most 20 MB and 40 megapixels); it is resized to width x height.
+            image: The input image (PNG, JPEG or WebP, at most 20 MB and 40 megapixels), resized to width x height. Over MCP: a base64 data URL (data:image/png;base64,...), or an http(s) URL of a public file (not one of this server's own addresses).
             prompt: What the image should show.
             negative_prompt: What the image should not show ("" for none).
             model_id: A model id from the registry.
@@ -917,7 +917,9 @@ OpenAPI: [{url}/api/openapi.json]({url}/api/openapi.json). With `DREAMSKETCH_AUT
 ### MCP (agents)
 
 DreamSketch is an MCP server: the tools `txt2img` and `img2img` are served at
-`{url}/gradio_api/mcp/` (streamable HTTP) and `{url}/gradio_api/mcp/sse` (SSE).
+`{url}/gradio_api/mcp/` (streamable HTTP) and `{url}/gradio_api/mcp/sse` (SSE); their list and parameters are
+at [{url}/gradio_api/mcp/schema]({url}/gradio_api/mcp/schema). `img2img` takes its image as a base64 data URL
+(`data:image/png;base64,...`).
 
 ```json
 {{"mcpServers": {{"dreamsketch": {{"url": "{url}/gradio_api/mcp/"}}}}}}

@@ -211,3 +211,18 @@ def test_the_default_model_is_one_the_service_can_run(settings, tmp_path):
     local_only = dataclasses.replace(remote, models_file=write_registry(tmp_path / "local.yaml", models[:1]))
     with pytest.raises(SettingsError, match="USE_LOCAL_MODELS=false: no model in .* has a Hub repo id"):
         choose_default_model(local_only, load_registry(local_only.models_file))
+
+
+def test_models_say_what_the_service_can_run(settings, tmp_path):
+    """The local models were listed "ready offline" (and available) with USE_LOCAL_MODELS=false, then refused."""
+    models = [entry("tiny-demo", "builtin:tiny"), entry("hub-model", "org/model")]
+    remote = dataclasses.replace(
+        settings, models_file=write_registry(tmp_path / "both.yaml", models), default_model=None, use_local_models=False
+    )
+    states = {m["id"]: (m["weights"], m["available"]) for m in Studio(remote).models()}
+    assert states == {
+        "tiny-demo": ("local only (USE_LOCAL_MODELS=true)", False),
+        "hub-model": ("on the Inference API", True),
+    }
+    own_endpoint = Studio(dataclasses.replace(remote, inference_api_url="http://127.0.0.1:9"))
+    assert {m["weights"] for m in own_endpoint.models()} == {"on your endpoint"}

@@ -111,7 +111,7 @@ def test_busy_when_the_queue_is_full(settings):
     waiting.start()
     while studio.pending < 2:
         threading.Event().wait(0.01)
-    with pytest.raises(StudioBusy, match="busy"):
+    with pytest.raises(StudioBusy, match="^busy: 1 request is waiting for the device"):
         studio.generate(request)
     queued = threading.Thread(target=studio.generate, args=(request,), kwargs={"own_queue": True})
     queued.start()  # Gradio's events: bounded by Gradio's queue, not refused here
