@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ID",
         help="a model id (see `models`; default: DREAMSKETCH_DEFAULT_MODEL, else the first model usable now "
-        "that is not a bundled tiny one, else tiny-shapes)",
+        "that is not a bundled tiny one, else tiny-shapes, else tiny-demo; with USE_LOCAL_MODELS=false the first "
+        "Hub model)",
     )
     generate.add_argument("--width", type=int, help=f"picture width in pixels: {side} (default: the model's)")
     generate.add_argument("--height", type=int, help=f"picture height in pixels: {side} (default: the model's)")

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -65,8 +65,11 @@ class Settings:
 
 
 def _load_dotenv(path: Path) -> None:
+    """Fill in from `path` the variables that are unset or empty (an empty one counts as unset everywhere)."""
     try:
-        load_dotenv(path, override=False)
+        for name, value in dotenv_values(path).items():
+            if value is not None and not os.environ.get(name):
+                os.environ[name] = value
     except UnicodeDecodeError as exc:
         raise SettingsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -455,6 +456,8 @@ class Gallery:
         threads that find it lost meanwhile wait here, then find it whole."""
         try:
             with self._opening:
+                if self.folder.exists() and not self.folder.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self._remove_orphans()
                 self._open_index()

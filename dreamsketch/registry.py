@@ -100,7 +100,7 @@ def load_registry(path: str | Path) -> Registry:
         raise RegistryError(f"{path}: expected a non-empty list of models")
     models: list[ModelSpec] = []
     seen: set[str] = set()
-    for index, entry in enumerate(data):
+    for index, entry in enumerate(data, start=1):  # counted as people count them, as YAML's lines are
         spec = _parse_entry(path, index, entry)
         if spec.id in seen:
             raise RegistryError(f"{path}: entry {index} ({spec.id}): field 'id': duplicate id")
@@ -212,7 +212,7 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
     prompts = entry.get("prompts", [])
     if not isinstance(prompts, list):
         raise fail("prompts", f"must be a list of non-empty strings, each at most {MAX_PROMPT_CHARS:,} characters")
-    for number, prompt in enumerate(prompts):
+    for number, prompt in enumerate(prompts, start=1):
         if not isinstance(prompt, str) or not prompt.strip():
             raise fail("prompts", f"prompt {number}: must be a non-empty string")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -231,6 +231,8 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
         config=config,
         prompts=tuple(prompts),
     )
+    if source.lower().endswith(SINGLE_FILE_SUFFIXES) and spec.source_kind != "single_file":
+        raise fail("source", "a single file's suffix is read in lower case (.safetensors or .ckpt): rename the file")
     if spec.source_kind == "hub" and not _REPO_ID.match(source):
         raise fail("source", "not a Hub repo id (owner/name), a local path, a .safetensors/.ckpt file or builtin:tiny")
     config_rule = _config_rule(spec)

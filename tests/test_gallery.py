@@ -609,3 +609,9 @@ def test_file_path_of_indexed_png(tmp_path: Path) -> None:
     assert gallery.file_path(entry.file_name) == tmp_path.resolve() / entry.file_name
     gallery.delete(entry.id)
     assert gallery.file_path(entry.file_name) is None
+
+
+def test_a_gallery_folder_that_is_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "outputs").write_text("not a folder")
+    with pytest.raises(GalleryError, match=r"could not open the gallery in .*outputs: it is a file, not a folder$"):
+        Gallery(tmp_path / "outputs")

@@ -53,9 +53,10 @@ def test_shipped_registry_has_the_seed_models():
         ({"source": "m.safetensors", "config": "not a repo"}, "config", "not a local diffusers folder or a Hub"),
         ({"prompts": "a red circle"}, "prompts", "must be a list of non-empty strings, each at most 2,000 characters"),
         ({"prompts": None}, "prompts", "must be a list of non-empty strings"),
-        ({"prompts": ["a cat", " "]}, "prompts", "prompt 1: must be a non-empty string"),
-        ({"prompts": [["a cat"]]}, "prompts", "prompt 0: must be a non-empty string"),
-        ({"prompts": ["x" * 2001]}, "prompts", "prompt 0: at most 2,000 characters (got 2,001)"),
+        ({"source": "models/Big.SAFETENSORS"}, "source", "suffix is read in lower case"),
+        ({"prompts": ["a cat", " "]}, "prompts", "prompt 2: must be a non-empty string"),
+        ({"prompts": [["a cat"]]}, "prompts", "prompt 1: must be a non-empty string"),
+        ({"prompts": ["x" * 2001]}, "prompts", "prompt 1: at most 2,000 characters (got 2,001)"),
     ],
 )
 def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
@@ -63,7 +64,7 @@ def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
     with pytest.raises(RegistryError) as error:
         load_registry(path)
     message = str(error.value)
-    assert str(path) in message and "entry 1" in message and f"field '{field}'" in message and rule in message
+    assert str(path) in message and "entry 2 (" in message and f"field '{field}'" in message and rule in message
 
 
 def test_prompts_are_optional_and_kept_in_order(tmp_path):
@@ -97,10 +98,10 @@ def test_missing_field_and_duplicate_id(tmp_path):
     incomplete = entry("a", "builtin:tiny")
     del incomplete["steps"]
     path = write_registry(tmp_path / "m.yaml", [incomplete])
-    with pytest.raises(RegistryError, match=r"entry 0 \(a\): field 'steps': missing"):
+    with pytest.raises(RegistryError, match=r"entry 1 \(a\): field 'steps': missing"):
         load_registry(path)
     path = write_registry(tmp_path / "m.yaml", [entry("a", "builtin:tiny"), entry("a", "builtin:tiny")])
-    with pytest.raises(RegistryError, match=r"entry 1 \(a\): field 'id': duplicate id"):
+    with pytest.raises(RegistryError, match=r"entry 2 \(a\): field 'id': duplicate id"):
         load_registry(path)
 
 
@@ -241,9 +242,10 @@ def test_dotenv_file_that_is_not_utf8_names_the_file(tmp_path, monkeypatch):
 
 
 def test_dotenv_file_fills_in_but_environment_wins(tmp_path, monkeypatch):
+    """An empty variable counts as unset, and .env fills it in (it used to hide the file's value)."""
     (tmp_path / ".env").write_text("DREAMSKETCH_QUEUE_SIZE=5\nDREAMSKETCH_MAX_LOADED=3\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DREAMSKETCH_MAX_LOADED", "2")
-    monkeypatch.delenv("DREAMSKETCH_QUEUE_SIZE", raising=False)
+    monkeypatch.setenv("DREAMSKETCH_QUEUE_SIZE", "")  # also makes monkeypatch take back what .env sets
     settings = Settings.from_env()
     assert settings.queue_size == 5 and settings.max_loaded == 2
