@@ -373,13 +373,17 @@ class Gallery:
         return _entry(rows[0]) if rows else None
 
     def delete(self, entry_id: int) -> bool:
-        """Remove the file, then the row (in this order, so that a concurrent reconcile never revives it)."""
         entry = self.get(entry_id)
         if entry is None:
             return False
-        (self.folder / entry.file_name).unlink(missing_ok=True)
-        self._run(lambda conn: conn.execute("DELETE FROM images WHERE id = ?", (entry_id,)), write=True)
+        self.remove(entry.file_name)
         return True
+
+    def remove(self, file_name: str) -> None:
+        """Remove the file, then its row (in this order, so that a concurrent reconcile never revives it). By name:
+        a rebuilt index numbers its rows anew."""
+        (self.folder / file_name).unlink(missing_ok=True)
+        self._run(lambda conn: conn.execute("DELETE FROM images WHERE file_name = ?", (file_name,)), write=True)
 
     def rebuild(self) -> int:
         """Replace the index with what the PNGs' parameters chunks say (in file time order); returns the count."""

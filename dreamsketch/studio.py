@@ -17,7 +17,7 @@ import transformers
 from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
-from dreamsketch.gallery import Gallery, GalleryEntry, GalleryError, ImageMeta
+from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
 from dreamsketch.pipelines import is_available
 from dreamsketch.registry import Registry, load_registry
 from dreamsketch.remote import RemoteEngine
@@ -147,9 +147,9 @@ class Studio:
         except BaseException:
             for entry in entries:
                 try:
-                    self.gallery.delete(entry.id)
-                except GalleryError:
-                    log.exception("could not take back picture %s of a batch that was not saved whole", entry.id)
+                    self.gallery.remove(entry.file_name)
+                except Exception:  # the first failure is the one to report; take back what can be taken back
+                    log.exception("could not take back %s of a batch that was not saved whole", entry.file_name)
             raise
         return entries
 

@@ -58,6 +58,37 @@ def test_a_batch_is_saved_whole_or_not_at_all(studio, monkeypatch, failure):
     assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
 
 
+def test_a_batch_takes_back_only_its_own_pictures(studio, monkeypatch):
+    """The take-back went by id: after the index was rebuilt (ids numbered anew), it deleted other people's pictures
+    and kept its own; and a failed delete stopped it and hid the first error."""
+    for _ in range(3):
+        studio.generate(studio.parse({"prompt": "old"}, "txt2img"))
+    studio.gallery.delete(studio.gallery.list()[-1].id)  # a gap in the ids, which a rebuild closes
+    save, remove = studio.gallery.save, studio.gallery.remove
+    others = studio.generate(studio.parse({"prompt": "someone else", "batch_size": 2}, "txt2img"))
+    batch: list = []
+
+    def save_two_then_fail(image, meta):
+        if len(batch) == 2:
+            studio.gallery.rebuild()
+            raise GalleryError("could not save image: No space left on device")
+        batch.append(save(image, meta))
+        return batch[-1]
+
+    def first_removal_fails(file_name):
+        monkeypatch.setattr(studio.gallery, "remove", remove)
+        raise PermissionError("read-only for a moment")
+
+    monkeypatch.setattr(studio.gallery, "save", save_two_then_fail)
+    monkeypatch.setattr(studio.gallery, "remove", first_removal_fails)
+    with pytest.raises(GalleryError, match="No space left on device"):
+        studio.generate(studio.parse({"prompt": "mine", "batch_size": 3}, "txt2img"))
+    left = {entry.file_name for entry in studio.gallery.list(limit=100)}
+    assert {entry.file_name for entry in others.entries} <= left
+    assert batch[0].file_name in left and batch[1].file_name not in left  # the first removal failed, the next ran
+    assert [entry.meta.prompt for entry in studio.gallery.list(limit=100)].count("mine") == 1
+
+
 def test_a_cancel_after_the_last_step_saves_nothing(studio, monkeypatch):
     cancel = threading.Event()
     decode = dreamsketch.engine.decode
