@@ -43,10 +43,10 @@ PIPELINE_CLASSES: dict[str, tuple[type[DiffusionPipeline], type[DiffusionPipelin
     "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# What loading a pipeline raises for files that do not fit together (configs against weights, an unknown class).
-DAMAGED = (ValueError, KeyError, TypeError, AttributeError, RuntimeError)
 NOT_LOADED = {"safety_checker"}  # components of model_index.json that DreamSketch loads as None
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What transformers raises, after logging its table of shapes, for weights that do not fit their config.json.
+MISMATCHED_SIZES = "ignore_mismatched_sizes"
 TOKENIZER_PROBE = "a photo of a cat"
 HUB_URL = "https://huggingface.co"
 
@@ -123,15 +123,31 @@ def missing_components(folder: Path) -> list[str]:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ["model_index.json"]
-    missing = []
-    for name, value in index.items():
-        if name in NOT_LOADED or not isinstance(value, list) or None in value:
-            continue
-        files = [path.name for path in (folder / name).glob("*") if path.is_file()]
-        has_weights = any(file.endswith(WEIGHT_SUFFIXES) for file in files)
-        if not files or ("config.json" in files and not has_weights):
-            missing.append(name)
-    return missing
+    return [
+        name
+        for name, value in index.items()
+        if name not in NOT_LOADED and isinstance(value, list) and None not in value and not complete(folder / name)
+    ]
+
+
+def complete(component: Path) -> bool:
+    """A component folder with its files: a model's config.json and weights (every shard its index names, none of
+    them empty), or a tokenizer's or scheduler's files (which have no weights)."""
+    files = {path.name: path for path in component.glob("*") if path.is_file()}  # a broken link is no file
+    weights = [name for name in files if name.endswith(WEIGHT_SUFFIXES)]
+    indexes = [name for name in files if name.endswith(".index.json")]
+    if not weights and not indexes:
+        return bool(files) and "config.json" not in files
+    if "config.json" not in files or any(files[name].stat().st_size == 0 for name in weights):
+        return False
+    for index in indexes:
+        try:
+            shards = set(json.loads(files[index].read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        if not shards <= set(weights):
+            return False
+    return True
 
 
 def complete_snapshot(repo_id: str) -> bool:
@@ -174,7 +190,9 @@ def weights_state(spec: ModelSpec) -> str:
     if spec.source_kind == "hub":
         if complete_snapshot(spec.source):
             return "ready offline"
-        return "needs download" if hub_reachable() else "not cached, Hub offline"
+        if hub_reachable():
+            return "needs download"
+        return "partly cached, Hub offline" if is_cached(spec.source) else "not cached, Hub offline"
     if is_available(spec):
         return "ready offline"
     return "configs not found" if Path(spec.source).exists() else "missing"
@@ -256,7 +274,7 @@ def tokenizer_problem(tokenizer: Any, text_encoder: Any) -> str | None:
     tokens (pictures that ignore the prompt) or of unbounded length (every request fails)."""
     positions = text_encoder.config.max_position_embeddings
     if tokenizer.model_max_length > positions:
-        return f"reads {tokenizer.model_max_length} tokens, more than the text encoder's {positions}"
+        return f"reads more tokens than the text encoder's {positions} (its files are missing or damaged)"
     if len(tokenizer) > text_encoder.config.vocab_size:
         return f"has {len(tokenizer)} tokens, more than the text encoder's {text_encoder.config.vocab_size}"
     words = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
@@ -347,9 +365,9 @@ class PipelineCache:
             raise ModelUnavailableError(unavailable_message(spec, "no such repo on the Hub")) from None
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             raise ModelUnavailableError(unavailable_message(spec, f"the weights could not be read ({exc})")) from None
-        except ModelUnavailableError:  # a single file's own (a RuntimeError, which DAMAGED holds)
-            raise
-        except DAMAGED as exc:  # configs and weights that do not fit each other, or a class that does not exist
+        except (ValueError, RuntimeError) as exc:  # configs against weights, a class that does not exist
+            if isinstance(exc, ModelUnavailableError) or not damaged(exc):  # a single file's own; memory; a bug
+                raise
             log.warning("loading %s failed", spec.id, exc_info=True)
             raise ModelUnavailableError(
                 unavailable_message(spec, f"its files do not fit together ({brief(exc)})")
@@ -369,7 +387,9 @@ class PipelineCache:
             )
         except LocalEntryNotFoundError:
             raise ModelUnavailableError(unavailable_message(spec, configs_missing(spec))) from None
-        except DAMAGED as exc:  # weights of other shapes or names than the configs describe
+        except (ValueError, KeyError, RuntimeError) as exc:  # weights of other shapes or names than the configs
+            if not damaged(exc):
+                raise
             log.warning("loading %s failed", spec.id, exc_info=True)
             configs = f"`config` ({spec.config})" if spec.config else "the configs diffusers chose for it"
             raise ModelUnavailableError(
@@ -377,11 +397,17 @@ class PipelineCache:
             ) from None
 
 
+def damaged(exc: BaseException) -> bool:
+    """Whether loading failed on the files (a RuntimeError only with transformers' message for mismatched shapes),
+    not for want of memory or for a bug (those go on as they are)."""
+    return isinstance(exc, ValueError | KeyError) or MISMATCHED_SIZES in str(exc)
+
+
 def brief(exc: BaseException) -> str:
     """An error's first sentence, for a message (diffusers and transformers add advice and whole tables)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text.split(". ")[0]
-    if "ignore_mismatched_sizes" in text:  # transformers logs its table of shapes and raises only this
+    if MISMATCHED_SIZES in text:
         text = "weights of other shapes than a config.json describes"
     if isinstance(exc, KeyError) or not text:
         text = f"{type(exc).__name__}: {text}"

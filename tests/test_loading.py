@@ -199,11 +199,50 @@ def test_a_folder_or_cached_repo_without_some_components_is_not_ready(hub_settin
     studio = Studio(dataclasses.replace(hub_settings, models_file=write_registry(tmp_path / "p.yaml", models)))
     weights = {m["id"]: (m["weights"], m["available"]) for m in studio.models()}
     assert weights["partial-folder"] == ("configs not found", False)
-    assert weights["partial-hub"] == ("not cached, Hub offline", False)
+    assert weights["partial-hub"] == ("partly cached, Hub offline", False)
     assert studio.default_model == "tiny-demo"
     for model_id, words in (("partial-folder", "the folder lacks its tokenizer"), ("partial-hub", "lacks its unet")):
         with pytest.raises(ModelUnavailableError, match=f"'{model_id}'.*{words}"):
             studio.engine.preload(model_id)
+
+
+def shards_without_weights(unet):
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}})
+    )
+    for path in unet.glob("*.safetensors"):
+        path.unlink()
+
+
+INCOMPLETE_UNETS = {
+    "an index without its shards": shards_without_weights,
+    "empty weights": lambda unet: [path.write_bytes(b"") for path in unet.glob("*.safetensors")],
+    "weights without config.json": lambda unet: (unet / "config.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", INCOMPLETE_UNETS)
+def test_what_an_interrupted_download_leaves_is_incomplete(tmp_path, tiny_pipeline_dir, damage):
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "partial")
+    assert dreamsketch.pipelines.missing_components(folder) == []
+    INCOMPLETE_UNETS[damage](folder / "unet")
+    assert dreamsketch.pipelines.missing_components(folder) == ["unet"]
+
+
+@pytest.mark.parametrize(
+    "failure", [torch.OutOfMemoryError("CUDA out of memory"), TypeError("a bug: unexpected keyword argument")]
+)
+def test_out_of_memory_and_bugs_while_loading_are_not_called_damaged_files(settings, monkeypatch, failure):
+    """Every error of these kinds was reported as "its files do not fit together", with advice to check `source`."""
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", fail)
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    with pytest.raises(type(failure)) as raised:
+        engine.preload("tiny-folder")
+    assert raised.value is failure
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs neither device")
