@@ -64,8 +64,8 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 INTERNAL_ERROR = "internal server error; the details are in the server log"
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
 _DIGITS = re.compile(r"[0-9]{1,6}")
-_INTEGER = re.compile(r"-?[0-9]+")
-_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_INTEGER = re.compile(r"[-+]?[0-9]+")
+_NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # as HTML forms and curl users write
 _NO_CONTROL = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"
 
 # Shown until the Swagger UI's script (loaded just before it) turns out to be there.
@@ -333,8 +333,7 @@ async def form_value(name: str, value: str | UploadFile) -> Any:
 
 
 def form_number(name: str, text: str) -> int | float | None:
-    """A form field's number, written as JSON writes numbers (an int where it is one); empty means "use the
-    default"."""
+    """A form field's number in plain decimal digits (an int where it is one); empty means "use the default"."""
     text = text.strip()
     if not text:
         return None

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dotenv import dotenv_values
+from dotenv import dotenv_values, load_dotenv
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -67,9 +67,10 @@ class Settings:
 def _load_dotenv(path: Path) -> None:
     """Fill in from `path` the variables that are unset or empty (an empty one counts as unset everywhere)."""
     try:
-        for name, value in dotenv_values(path).items():
-            if value is not None and not os.environ.get(name):
-                os.environ[name] = value
+        for name in dotenv_values(path, interpolate=False):
+            if os.environ.get(name) == "":
+                del os.environ[name]
+        load_dotenv(path, override=False)  # ${NAME} in its values: the environment's NAME first, as before
     except UnicodeDecodeError as exc:
         raise SettingsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 

@@ -99,12 +99,12 @@ def load_registry(path: str | Path) -> Registry:
     if not isinstance(data, list) or not data:
         raise RegistryError(f"{path}: expected a non-empty list of models")
     models: list[ModelSpec] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for index, entry in enumerate(data, start=1):  # counted as people count them, as YAML's lines are
         spec = _parse_entry(path, index, entry)
         if spec.id in seen:
-            raise RegistryError(f"{path}: entry {index} ({spec.id}): field 'id': duplicate id")
-        seen.add(spec.id)
+            raise RegistryError(f"{path}: entry {index} ({spec.id}): field 'id': the same as entry {seen[spec.id]}'s")
+        seen[spec.id] = index
         models.append(spec)
     return Registry(models, path)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from dreamsketch.registry import MAX_PROMPT_CHARS, ModelSpec, Registry
@@ -27,6 +28,7 @@ MAX_AREA_FACTOR = 4
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+PIL_FORMATS = (*IMAGE_FORMATS, "MPO")  # Pillow names a phone's JPEG with more pictures in it (MPF) MPO
 SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L")  # Pillow's modes for a 16-bit greyscale PNG
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
@@ -215,7 +217,7 @@ def _check_area(spec: ModelSpec, width: int, height: int) -> None:
 def check_image(value: Any) -> Image.Image:
     """An RGB image from PNG/JPEG/WebP bytes or a PIL image, within the size and pixel limits, as viewers show it."""
     if isinstance(value, Image.Image):
-        if value.format is not None and value.format not in IMAGE_FORMATS:
+        if value.format is not None and value.format not in PIL_FORMATS:
             raise RequestError("image", f"must be a PNG, JPEG or WebP image (got {value.format})")
         _check_pixels(value.width, value.height)
         try:
@@ -268,12 +270,23 @@ def _as_shown(image: Image.Image) -> Image.Image:
     # Malformed EXIF (Pillow raises whatever its parser meets): the picture is used as stored, as viewers show it.
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image)
-    if image.mode in SIXTEEN_BIT_GREY:  # PNG's 16-bit grey: 0..65535, which convert() would clip at 255
-        image = image.convert("I").point(lambda value: value / 257).convert("L")
+    if image.mode in SIXTEEN_BIT_GREY:
+        image = _eight_bit_grey(image)
     if not image.has_transparency_data:
         return image.convert("RGB")
     white = Image.new("RGBA", image.size, "white")
     return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+
+
+def _eight_bit_grey(image: Image.Image) -> Image.Image:
+    """PNG's 16-bit grey (0..65535, which convert() would clip at 255) as 8-bit, its transparent shade kept."""
+    values = np.asarray(image.convert("I"))
+    grey = Image.fromarray((values // 257).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L")
+    return Image.merge("LA", (grey, alpha))
 
 
 def _check_pixels(width: int, height: int) -> None:

@@ -83,15 +83,15 @@ FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "step
 
 
 def image_upload(**kwargs: Any) -> gr.Image:
-    """An image input (type="filepath") whose uploads reach our own checks as they were sent: a data URL (MCP,
-    gradio_client's base64) as it is, where Gradio would decode it and save it again as WebP whatever it was, and a
+    """An image input (type="filepath") whose uploads reach our own checks as they were sent: a data URL (sent to
+    Gradio's /call route) as it is, where Gradio would decode it and save it again as WebP whatever it was, and a
     file Gradio cannot convert as its path, where Gradio's conversion error shows the server's paths. (A gr.Image
     subclass would make Gradio write a .pyi stub next to this module.)"""
     component = gr.Image(type="filepath", image_mode=None, **kwargs)
     convert = component.preprocess
 
     def preprocess(payload: Any) -> Any:
-        if payload is not None and (payload.url or "")[:5].lower() == "data:":
+        if payload is not None and is_data_url(payload.url):
             return payload.url
         try:
             return convert(payload)
@@ -100,6 +100,10 @@ def image_upload(**kwargs: Any) -> gr.Image:
 
     component.preprocess = preprocess  # type: ignore[method-assign]
     return component
+
+
+def is_data_url(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip()[:5].lower() == "data:"
 
 
 def text_input(value: str, label: str) -> gr.Textbox:
@@ -253,7 +257,7 @@ def read_upload(studio: Studio, path: Any) -> bytes | None:
     are taken."""
     if not path:
         return None
-    if isinstance(path, str) and path[:5].lower() == "data:":
+    if is_data_url(path):
         try:
             return decode_image(path)
         except RequestError as exc:

@@ -131,8 +131,10 @@ def test_img2img_data_urls_meet_the_same_rules(server: RunningServer, data: byte
     assert server.studio.gallery.count() == before
 
 
-def test_img2img_data_url_of_a_png_is_used(server: RunningServer) -> None:
-    events = img2img_with_data_url(server, "data:image/png;base64," + base64.b64encode(image_bytes("PNG")).decode())
+@pytest.mark.parametrize("around", ["", " \n"])
+def test_img2img_data_url_of_a_png_is_used(server: RunningServer, around: str) -> None:
+    encoded = base64.b64encode(image_bytes("PNG")).decode()
+    events = img2img_with_data_url(server, f"{around}data:image/png;base64,{encoded}{around}")
     assert "event: complete" in events, events[-500:]
     assert server.studio.gallery.list(limit=1)[0].meta.strength == 1.0
 

@@ -101,7 +101,7 @@ def test_missing_field_and_duplicate_id(tmp_path):
     with pytest.raises(RegistryError, match=r"entry 1 \(a\): field 'steps': missing"):
         load_registry(path)
     path = write_registry(tmp_path / "m.yaml", [entry("a", "builtin:tiny"), entry("a", "builtin:tiny")])
-    with pytest.raises(RegistryError, match=r"entry 2 \(a\): field 'id': duplicate id"):
+    with pytest.raises(RegistryError, match=r"entry 2 \(a\): field 'id': the same as entry 1's$"):
         load_registry(path)
 
 
@@ -249,3 +249,11 @@ def test_dotenv_file_fills_in_but_environment_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMSKETCH_QUEUE_SIZE", "")  # also makes monkeypatch take back what .env sets
     settings = Settings.from_env()
     assert settings.queue_size == 5 and settings.max_loaded == 2
+
+
+def test_dotenv_references_take_the_environment_first(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("DATA_ROOT=/from-dotenv\nDREAMSKETCH_OUTPUT_DIR=${DATA_ROOT}/out\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_ROOT", "/from-environment")
+    monkeypatch.setenv("DREAMSKETCH_OUTPUT_DIR", "")
+    assert Settings.from_env().output_dir == Path("/from-environment/out")

@@ -159,6 +159,10 @@ def test_sixteen_bit_grey_png_keeps_its_shades():
         assert opened.mode == "I;16"
     image = check_image(buffer.getvalue())
     assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (0, 0, 0), (127, 127, 127), (255, 255, 255)]
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[1000, 32768]], dtype=np.uint16)).save(buffer, format="PNG", transparency=1000)
+    image = check_image(buffer.getvalue())  # its transparent shade is flattened onto white, as any transparency
+    assert [image.getpixel((x, 0)) for x in range(2)] == [WHITE, (127, 127, 127)]
 
 
 def test_pil_images_are_held_to_the_same_rules():
@@ -175,6 +179,10 @@ def test_pil_images_are_held_to_the_same_rules():
             check_image(value)
         assert str(error.value) == f"field 'image': {rule}"
     assert check_image(Image.new("RGB", (4, 4), "red")).getpixel((0, 0)) == (255, 0, 0)  # made in memory: no format
+    phone = io.BytesIO()  # a JPEG with a second picture in it, as phones write them: Pillow calls it MPO
+    Image.new("RGB", (8, 8), "red").save(phone, format="MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    with Image.open(io.BytesIO(phone.getvalue())) as opened:
+        assert opened.format == "MPO" and close(check_image(opened).getpixel((0, 0)), RED)
 
 
 def test_decompression_bomb_header_is_refused_before_decoding():
