@@ -365,8 +365,16 @@ async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> Non
 
 def result_item(request: Request, entry: GalleryEntry) -> dict[str, Any]:
     flat = entry.to_dict()
-    url = str(request.url_for("media_file", file_name=entry.file_name))
+    url = origin(request.headers, request.url.scheme) + request.url_for("media_file", file_name=entry.file_name).path
     return {"id": flat["id"], "url": url, **{key: flat[key] for key in RESULT_KEYS[1:]}}
+
+
+def origin(headers: Mapping[str, str], scheme: str) -> str:
+    """scheme://host as the client reached the server: behind a proxy such as Spaces' (which ends TLS), the ones it
+    forwarded. A client that forwards others itself only changes the addresses in its own replies."""
+    host = headers.get("x-forwarded-host") or headers["host"]
+    scheme = headers.get("x-forwarded-proto") or scheme
+    return f"{scheme.split(',')[0].strip()}://{host.split(',')[0].strip()}"
 
 
 def _auth_dependencies(auth: tuple[str, str] | None) -> list[Any]:

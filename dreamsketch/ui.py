@@ -28,6 +28,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 from PIL import Image
 
+from dreamsketch.api import origin
 from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
 from dreamsketch.gallery import GalleryEntry, GalleryError, format_parameters, parse_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
@@ -946,10 +947,8 @@ def docs_markdown(studio: Studio, url: str | None = None) -> str:
 
 def page_url(request: gr.Request) -> str:
     """The address the browser reached this app at (behind a proxy such as Spaces', the one it forwarded)."""
-    headers = {key.lower(): value for key, value in dict(request.headers).items()}
-    host = headers.get("x-forwarded-host") or headers["host"]
-    scheme = headers.get("x-forwarded-proto", "http")
-    return f"{scheme.split(',')[0].strip()}://{host.split(',')[0].strip()}"
+    scheme = request.request.url.scheme if request.request is not None else "http"
+    return origin({key.lower(): value for key, value in dict(request.headers).items()}, scheme)
 
 
 # ---------------------------------------------------------------------------------------------------------------

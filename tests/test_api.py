@@ -212,6 +212,16 @@ def test_form_numbers_as_forms_and_curl_users_write_them(client: httpx.Client) -
     assert (result["steps"], result["guidance_scale"], result["seed"]) == (2, 7.0, 42)
 
 
+def test_urls_behind_a_proxy_are_the_public_ones(client: httpx.Client) -> None:
+    """On a Space the proxy ends TLS and forwards the public host: the picture's URL was http:// at the inner host."""
+    proxy = {"x-forwarded-proto": "https", "x-forwarded-host": "someone-dreamsketch.hf.space"}
+    result = client.post("/api/txt2img", json=FAST, headers=proxy).json()["result"]
+    assert result["url"].startswith("https://someone-dreamsketch.hf.space/media/generated/"), result["url"]
+    listed = client.get("/api/results?limit=1", headers=proxy).json()["results"][0]
+    assert listed["url"] == result["url"]
+    assert client.get("/api/results?limit=1").json()["results"][0]["url"].startswith(str(client.base_url))
+
+
 def test_health_answers_during_a_generation(server: Server, client: httpx.Client) -> None:
     done = threading.Event()
 
