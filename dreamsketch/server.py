@@ -108,18 +108,20 @@ def create_server(studio: Studio | None = None) -> tuple[FastAPI, gr.Blocks]:
     # launched itself; this one it mounts.
     demo.has_launched = True
     app.add_middleware(Guard, gallery=studio.gallery, auth=settings.auth)
-    if settings.auth:
-        sign_in_mcp_tool_calls(demo, settings.auth)
+    call_mcp_tools_here(demo, settings.auth)
     return app, demo
 
 
 _MCP_CLIENT_LOCK = threading.Lock()
 
 
-def sign_in_mcp_tool_calls(demo: gr.Blocks, auth: tuple[str, str]) -> None:
-    """Gradio 6.31's MCP server runs tool calls through a gradio_client of its own, made at the first call, which
-    did not sign in: with DREAMSKETCH_AUTH every call failed ("credentials were not provided"). It now signs in with
-    the app's own credentials; the MCP request itself has passed the Guard's check by then."""
+def call_mcp_tools_here(demo: gr.Blocks, auth: tuple[str, str] | None) -> None:
+    """Gradio 6.31's MCP server runs tool calls through a gradio_client of its own, made at the first call for the
+    address that call came to: behind a proxy (Spaces'), the public one its X-Forwarded headers named, so tool calls
+    went out through the proxy (failing on a private Space), and to wherever the first caller's headers pointed,
+    with DREAMSKETCH_AUTH's credentials. It is made for the address this server's own socket took that call on, and
+    signs in with the app's credentials (without them every call failed: "credentials were not provided"). Uses
+    Gradio's private MCP surface (`_get_or_create_client`, `_client_instance`, `_local_url`): check on upgrade."""
     import gradio.mcp
     from gradio_client import Client
 
@@ -127,16 +129,21 @@ def sign_in_mcp_tool_calls(demo: gr.Blocks, auth: tuple[str, str]) -> None:
     assert mcp is not None  # made when the app was mounted with mcp_server=True
     make_client = mcp._get_or_create_client
 
-    def signed_in_client() -> Client:
+    def local_client() -> Client:
         with _MCP_CLIENT_LOCK:  # Gradio's module global is swapped while its client is made
+            request = mcp.mcp_server.request_context.request
+            if mcp._client_instance is None and request is not None:
+                host, port = request.scope["server"]
+                mcp._local_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
             original = gradio.mcp.Client
-            gradio.mcp.Client = functools.partial(Client, auth=auth)  # type: ignore[misc]
+            if auth:
+                gradio.mcp.Client = functools.partial(Client, auth=auth)  # type: ignore[misc]
             try:
                 return make_client()
             finally:
                 gradio.mcp.Client = original  # type: ignore[misc]
 
-    mcp._get_or_create_client = signed_in_client  # type: ignore[method-assign]
+    mcp._get_or_create_client = local_client  # type: ignore[method-assign]
 
 
 def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:

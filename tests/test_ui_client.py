@@ -7,6 +7,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -215,6 +216,29 @@ def test_mcp_tools_generate(server: RunningServer) -> None:
     content = anyio.run(call)
     assert any(item.type == "image" or "seed" in getattr(item, "text", "") for item in content), content
     assert [entry.meta.prompt for entry in server.studio.gallery.list(limit=2)] == ["via mcp", "via mcp img2img"]
+
+
+def test_mcp_tool_calls_stay_on_this_server_behind_a_proxy(tmp_path: Path) -> None:
+    """Gradio's MCP server made its own client for the first call's forwarded host: behind Spaces' proxy tool calls
+    went out through it, and a caller could point them (and DREAMSKETCH_AUTH's credentials) anywhere."""
+    import anyio
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    forwarded = {"x-forwarded-host": "nowhere.invalid", "x-forwarded-proto": "https"}
+
+    async def call(url: str) -> Any:
+        async with (
+            streamablehttp_client(f"{url}/gradio_api/mcp/", headers=forwarded) as (read, write, _),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            return await session.call_tool("txt2img", {"prompt": "behind a proxy", **FAST, "seed": 5})
+
+    with running_server(Studio(tiny_settings(tmp_path))) as server:
+        reply = anyio.run(call, server.url)
+        assert not reply.isError, reply.content
+        assert [entry.meta.prompt for entry in server.studio.gallery.list(limit=1)] == ["behind a proxy"]
 
 
 @pytest.mark.parametrize(("interval", "computed"), [(0.0, 6), (3600.0, 1)])
