@@ -260,6 +260,7 @@ def _convert(key: str, value: str) -> dict[str, Any] | None:
 
 
 _REQUIRED = ("steps", "cfg_scale", "seed", "width", "height", "model")
+_INDEX_INTEGERS = range(-(2**63), 2**63)  # SQLite's INTEGER
 
 
 def meta_from_parameters(text: str) -> ImageMeta:
@@ -268,6 +269,9 @@ def meta_from_parameters(text: str) -> ImageMeta:
     missing = [key for key in _REQUIRED if key not in parsed]
     if missing:
         raise ValueError(f"parameters text lacks {', '.join(missing)}")
+    for key in ("width", "height", "steps", "seed"):  # other tools' seeds go up to 2**64 - 1
+        if parsed[key] not in _INDEX_INTEGERS:
+            raise ValueError(f"{key} {parsed[key]} does not fit the index")
     return ImageMeta(
         prompt=parsed["prompt"],
         negative_prompt=parsed["negative_prompt"],

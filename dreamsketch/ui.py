@@ -846,6 +846,10 @@ def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
     try:
         with Image.open(path) as image:
             text = read_parameters(image)
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000  # Pillow's refusal of decompression bombs
+        gr.Warning(f"This image is too large to read (over {limit} megapixels).")
+        return "", None
     except (OSError, ValueError):
         gr.Warning("Not a readable image.")
         return "", None

@@ -19,6 +19,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from dreamsketch.studio import Studio
+from dreamsketch.ui import png_info
 from tests.servers import RunningServer, gradio_client, running_server, tiny_settings
 
 FAST = {"model_id": "tiny-demo", "width": 64, "height": 64, "steps": 1}
@@ -230,3 +231,10 @@ def test_img2img_json_image_as_url_or_loose_base64(server: RunningServer) -> Non
         assert loose != padded and "-" in loose  # it tests what it says
         reply = http.post("/api/img2img", json={**body, "image": f"data:image/png;base64,{loose}"})
         assert reply.status_code == 200, reply.text
+
+
+def test_png_info_of_a_huge_picture_is_a_warning_not_pillows_error(tmp_path: Path) -> None:
+    """Pillow's decompression-bomb error (its text, and a traceback in the log) reached the page."""
+    (tmp_path / "huge.png").write_bytes(png_claiming(20_000, 20_000))
+    with pytest.warns(UserWarning, match=r"^This image is too large to read \(over \d+ megapixels\)\.$"):
+        assert png_info(str(tmp_path / "huge.png")) == ("", None)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from dreamsketch import gallery as gallery_module
 from dreamsketch.gallery import (
@@ -615,3 +615,16 @@ def test_a_gallery_folder_that_is_a_file_says_so(tmp_path: Path) -> None:
     (tmp_path / "outputs").write_text("not a folder")
     with pytest.raises(GalleryError, match=r"could not open the gallery in .*outputs: it is a file, not a folder$"):
         Gallery(tmp_path / "outputs")
+
+
+def test_a_picture_whose_seed_does_not_fit_the_index_is_left_out(tmp_path: Path) -> None:
+    """A ComfyUI seed (up to 2**64 - 1) in a PNG copied into the folder stopped the gallery, and the server, at start
+    ("Python int too large to convert to SQLite INTEGER")."""
+    gallery = Gallery(tmp_path)
+    kept = gallery.save(image(), META)
+    huge = PngImagePlugin.PngInfo()
+    huge.add_text("parameters", format_parameters(replace(META, seed=2**64 - 1)))
+    image().save(tmp_path / "comfyui.png", pnginfo=huge)
+    gallery.refresh()
+    assert [entry.file_name for entry in Gallery(tmp_path).list()] == [kept.file_name]
+    assert parse_parameters(format_parameters(replace(META, seed=2**64 - 1)))["seed"] == 2**64 - 1  # PNG info reads it
