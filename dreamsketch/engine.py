@@ -96,6 +96,8 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
+# A preview copies the latents to the CPU (a GPU sync) and is encoded for the page; a fast GPU makes 100 steps a second.
+PREVIEW_INTERVAL_S = 0.1
 MAX_BATCH_IMAGES = 8  # concurrent requests are merged into one pipeline call up to this many images
 # A request that finds no other waiting waits this long for company: requests sent at the same moment arrive a
 # millisecond or so apart, and would otherwise run as one alone and then the rest together.
@@ -122,6 +124,12 @@ class _Job:
     def finish(self, result: Generation | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+
+    def outcome(self) -> Generation:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 def batch_key(request: GenerationRequest) -> tuple[Any, ...]:
@@ -179,10 +187,14 @@ class LocalEngine:
                 self._withdraw(job)
             elif self._device_for(job):
                 self._run_turn(job)
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+        return job.outcome()
+
+    def run_alone(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Generation:
+        """Run `request` on the device now, taking none of the engine's locks: for a ZeroGPU worker, whose fork
+        copied them in whatever state they were (the main process takes turns for it)."""
+        job = _Job(request, on_step, None, None)
+        self._run_batch([job])
+        return job.outcome()
 
     def _device_for(self, job: _Job) -> bool:
         """Wait at most CANCEL_POLL_S for `job`'s turn: True, holding the device, once it is the oldest request

@@ -22,6 +22,7 @@ from dreamsketch.pipelines import is_available
 from dreamsketch.registry import Registry, load_registry
 from dreamsketch.remote import RemoteEngine
 from dreamsketch.request import GenerationRequest, Mode, parse_request
+from dreamsketch.zerogpu import ZeroGpuEngine, on_zero_gpu
 
 log = logging.getLogger(__name__)
 OFFLINE_MODELS = ("tiny-shapes", "tiny-demo")
@@ -79,8 +80,10 @@ class Studio:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.registry = load_registry(self.settings.models_file)
-        engine_class = LocalEngine if self.settings.use_local_models else RemoteEngine
-        self.engine: LocalEngine | RemoteEngine = engine_class(self.settings, self.registry)
+        engine_class: type[LocalEngine | RemoteEngine] = RemoteEngine
+        if self.settings.use_local_models:
+            engine_class = ZeroGpuEngine if on_zero_gpu() else LocalEngine
+        self.engine = engine_class(self.settings, self.registry)
         self.gallery = Gallery(self.settings.output_dir)
         self.default_model = choose_default_model(self.settings, self.registry)
         self._pending = 0  # requests running or waiting for the device

@@ -15,7 +15,6 @@ import contextvars
 import functools
 import html
 import logging
-import os
 import textwrap
 import threading
 import time
@@ -29,7 +28,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from dreamsketch.api import origin
-from dreamsketch.engine import MAX_BATCH_IMAGES, GenerationCancelled, GenerationError, Step
+from dreamsketch.engine import MAX_BATCH_IMAGES, PREVIEW_INTERVAL_S, GenerationCancelled, GenerationError, Step
 from dreamsketch.gallery import GalleryEntry, GalleryError, format_parameters, parse_parameters, read_parameters
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.request import (
@@ -45,17 +44,16 @@ from dreamsketch.request import (
 )
 from dreamsketch.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from dreamsketch.studio import Studio, StudioBusy, StudioResult
+from dreamsketch.zerogpu import on_zero_gpu
 
 log = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"
 # Generations in flight at once. The engine runs one pipeline call at a time and merges the compatible requests
 # waiting for it, so several in flight let people share a batch. ZeroGPU leases a GPU to each call: one there.
-GPU_CONCURRENCY = 1 if os.environ.get("SPACES_ZERO_GPU") else MAX_BATCH_IMAGES
+GPU_CONCURRENCY = 1 if on_zero_gpu() else MAX_BATCH_IMAGES
 GALLERY_PAGE = 24
 LAST_PAGE = 2**31  # the Gallery tab's "Oldest": past the last page, which gallery_page clamps to
-# A preview copies the latents to the CPU (a GPU sync) and Gradio encodes it; a fast GPU makes 100 steps a second.
-PREVIEW_INTERVAL_S = 0.1
 WARNING_TOAST_CHARS = 300
 UPLOADS_KEPT = (3600, 86400)  # Gradio's copies of uploads and previews: looked at hourly, deleted after a day
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
@@ -136,19 +134,6 @@ class _Done:
 
 
 Generate = Callable[..., StudioResult]
-
-
-def zero_gpu(generate: Generate) -> Generate:
-    """On a ZeroGPU Space, run generation under spaces.GPU with a duration estimated from the request."""
-    if not os.environ.get("SPACES_ZERO_GPU"):
-        return generate
-    import spaces  # only present on Spaces
-
-    def duration(request: Any, *args: Any, **kwargs: Any) -> int:
-        megapixels = request.width * request.height / 1_000_000
-        return int(min(300, 20 + request.steps * request.batch_size * megapixels * 0.4))
-
-    return spaces.GPU(duration=duration)(generate)  # type: ignore[no-any-return]
 
 
 async def run_generation(generate: Generate, request: Any, previews: bool) -> AsyncIterator[Progressed | StudioResult]:
@@ -351,7 +336,7 @@ def a1111_to_parameters(parsed: dict[str, Any]) -> dict[str, Any]:
 class Handlers:
     def __init__(self, studio: Studio) -> None:
         self.studio = studio
-        self.generate = zero_gpu(functools.partial(studio.generate, own_queue=True))  # Gradio's queue bounds these
+        self.generate = functools.partial(studio.generate, own_queue=True)  # Gradio's queue bounds these
 
     async def _run(self, mode: Mode, fields: dict[str, Any], progress: gr.Progress) -> tuple[list, dict]:
         try:

@@ -1,0 +1,103 @@
+"""ZeroGPU Spaces, with a stand-in `spaces` that does what matters of the real one (spaces 0.51): the decorated call
+runs in a forked worker process, and its arguments and everything it yields cross between the processes pickled."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import threading
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dreamsketch.engine import GenerationCancelled, LocalEngine
+from dreamsketch.pipelines import ModelUnavailableError
+from dreamsketch.registry import load_registry
+from dreamsketch.studio import Studio
+from dreamsketch.zerogpu import ZeroGpuEngine, lease_seconds
+
+FORK = multiprocessing.get_context("fork")
+
+
+class ForkingGPU:
+    """spaces.GPU(duration=...): each call forks a worker, sends it the arguments pickled, and yields what the
+    worker's generator yields, unpickled."""
+
+    leases: list[int] = []
+
+    def __init__(self, duration: Callable[..., int]) -> None:
+        self.duration = duration
+
+    def __call__(self, task: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        def leased(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            ForkingGPU.leases.append(self.duration(*args, **kwargs))
+            arguments = pickle.dumps((args, kwargs))  # the real one's queue pickles them: a closure fails here
+            here, there = FORK.Pipe()
+            worker = FORK.Process(target=work, args=(task, arguments, there))
+            worker.start()
+            there.close()
+            try:
+                while True:
+                    try:
+                        yield here.recv()
+                    except EOFError:
+                        return
+            finally:
+                worker.join(60)
+
+        return leased
+
+
+def work(task: Callable[..., Iterator[Any]], arguments: bytes, connection: Any) -> None:
+    args, kwargs = pickle.loads(arguments)
+    for item in task(*args, **kwargs):
+        connection.send(item)
+    connection.close()
+
+
+@pytest.fixture
+def zero_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    monkeypatch.setitem(__import__("sys").modules, "spaces", types.SimpleNamespace(GPU=ForkingGPU))
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    ForkingGPU.leases = []
+    return ForkingGPU.leases
+
+
+def test_a_generation_runs_in_the_worker_and_its_steps_and_pictures_come_back(zero_gpu, settings) -> None:  # type: ignore[no-untyped-def]
+    studio = Studio(settings)
+    assert isinstance(studio.engine, ZeroGpuEngine)
+    request = studio.parse({"prompt": "a fox", "seed": 7, "steps": 3, "batch_size": 2}, "txt2img")
+    steps = []
+    result = studio.generate(request, on_step=lambda step: steps.append((step.step, step.total, step.preview())))
+    assert zero_gpu == [lease_seconds(request)]
+    assert [(step, total) for step, total, _ in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert steps[0][2] is not None and steps[0][2].size == (16, 16)  # the first step's preview, made in the worker
+    plain = LocalEngine(settings, load_registry(settings.models_file)).generate(request)
+    for made, expected in zip(result.generation.images, plain.images, strict=True):
+        assert np.array_equal(np.asarray(made), np.asarray(expected))
+    assert [entry.meta.seed for entry in result.entries] == [7, 8] and studio.gallery.count() == 2
+
+
+def test_errors_cross_with_their_messages(zero_gpu, settings) -> None:  # type: ignore[no-untyped-def]
+    studio = Studio(settings)
+    with pytest.raises(ModelUnavailableError, match="'uncached-hub'.*not in the local cache"):
+        studio.generate(studio.parse({"prompt": "x", "model_id": "uncached-hub"}, "txt2img"))
+    assert studio.gallery.count() == 0
+
+
+def test_a_cancel_stops_the_wait_and_saves_nothing(zero_gpu, settings) -> None:  # type: ignore[no-untyped-def]
+    studio = Studio(settings)
+    cancel = threading.Event()
+
+    def cancel_at_the_second_step(step: Any) -> None:
+        if step.step == 2:
+            cancel.set()
+
+    request = studio.parse({"prompt": "x", "steps": 20}, "txt2img")
+    with pytest.raises(GenerationCancelled):
+        studio.generate(request, on_step=cancel_at_the_second_step, cancel=cancel)
+    assert studio.gallery.count() == 0
+    assert studio.generate(studio.parse({"prompt": "after", "steps": 2}, "txt2img")).entries  # the lease was freed
