@@ -4,7 +4,11 @@ Importing this module builds the server (`app`: the FastAPI app with the HTTP AP
 Blocks), so `uvicorn app:app` works too."""
 
 import logging
+import os
 import sys
+
+if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU's package patches torch: it must come before torch is imported
+    import spaces  # noqa: F401
 
 from dreamsketch.config import SettingsError
 from dreamsketch.registry import RegistryError
