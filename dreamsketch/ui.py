@@ -78,6 +78,9 @@ CSS = """
   #models-table .table-container { min-width: 760px; }
 }
 """
+# The restored fields checked one at a time as a txt2img request would check them (strength comes from img2img
+# pictures, whose A1111 "Denoising strength" is always within its bounds).
+RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "batch_size")
 FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed")
 
 
@@ -310,15 +313,23 @@ def suggestion_samples(studio: Studio, model_id: str) -> list[list[str]]:
 
 def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ...]) -> list[Any]:
     """Updates for the form fields `names` from request-style parameters; gr.skip() where absent (the scheduler:
-    the model's own)."""
+    the model's own) or outside the request rules (with a warning naming the field: another tool's picture may
+    have Steps: 200 or a 64-bit seed)."""
+    model_id = parameters.get("model_id")
+    if model_id is not None and model_id not in studio.registry:
+        gr.Warning(html.escape(f"Model '{model_id}' is not in this registry; the model is unchanged.", quote=False))
+        model_id = None
     values: list[Any] = []
     for name in names:
-        value = parameters.get(name)
-        if name == "model_id" and value is not None and value not in studio.registry:
-            gr.Warning(html.escape(f"Model '{value}' is not in this registry; the model is unchanged.", quote=False))
-            value = None
+        value = model_id if name == "model_id" else parameters.get(name)
         if name == "scheduler" and value not in SCHEDULERS:
             value = DEFAULT_SCHEDULER
+        elif value is not None and name in RESTORE_CHECKED:
+            try:
+                studio.parse({name: value, "model_id": model_id}, "txt2img")
+            except RequestError as exc:
+                gr.Warning(html.escape(f"{exc}; it is left as it was.", quote=False))
+                value = None
         values.append(gr.skip() if value is None else value)
     return values
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import httpx
 import pytest
 from gradio_client import Client, handle_file
@@ -19,11 +20,12 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from dreamsketch.studio import Studio
-from dreamsketch.ui import png_info
+from dreamsketch.ui import form_values, png_info
 from tests.servers import RunningServer, gradio_client, running_server, tiny_settings
 
 FAST = {"model_id": "tiny-demo", "width": 64, "height": 64, "steps": 1}
 UNEXPECTED = "Generation failed unexpectedly"
+SKIP = gr.skip()
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +240,22 @@ def test_png_info_of_a_huge_picture_is_a_warning_not_pillows_error(tmp_path: Pat
     (tmp_path / "huge.png").write_bytes(png_claiming(20_000, 20_000))
     with pytest.warns(UserWarning, match=r"^This image is too large to read \(over \d+ megapixels\)\.$"):
         assert png_info(str(tmp_path / "huge.png")) == ("", None)
+
+
+def test_restored_parameters_outside_the_rules_are_left_out_with_a_warning(tmp_path: Path) -> None:
+    """Another tool's picture (Steps: 200, Size: 130x3000, a 64-bit seed) filled the form silently, and Generate
+    then failed with Gradio's slider message, one field at a time."""
+    studio = Studio(tiny_settings(tmp_path))
+    parameters = {"prompt": "a fox", "width": 130, "height": 3000, "steps": 200, "guidance_scale": 5.0}
+    parameters |= {"seed": 2**64 - 1, "model_id": "tiny-demo", "scheduler": "Euler"}
+    names = ("prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed", "scheduler")
+    with pytest.warns(UserWarning) as warned:
+        values = form_values(parameters, studio, names)
+    assert dict(zip(names, values, strict=True)) == {
+        "prompt": "a fox", "model_id": "tiny-demo", "width": SKIP, "height": SKIP, "steps": SKIP,
+        "guidance_scale": 5.0, "seed": SKIP, "scheduler": "Euler",
+    }  # fmt: skip
+    assert [str(w.message).split(":")[0] for w in warned] == [
+        "field 'width'", "field 'height'", "field 'steps'", "field 'seed'"
+    ]  # fmt: skip
+    assert all(str(w.message).endswith("; it is left as it was.") for w in warned)
