@@ -21,6 +21,7 @@ connection per call); file names are unique without locks.
 from __future__ import annotations
 
 import builtins
+import codecs
 import contextlib
 import errno
 import json
@@ -260,6 +261,7 @@ def _convert(key: str, value: str) -> dict[str, Any] | None:
 
 
 _REQUIRED = ("steps", "cfg_scale", "seed", "width", "height", "model")
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # EXIF's sub-directory and its UserComment tag
 _INDEX_INTEGERS = range(-(2**63), 2**63)  # SQLite's INTEGER
 
 
@@ -287,11 +289,28 @@ def meta_from_parameters(text: str) -> ImageMeta:
 
 
 def read_parameters(image: Image.Image) -> str | None:
-    """The "parameters" text chunk (tEXt or iTXt) of a PNG, or None."""
+    """The parameters text of a picture: a PNG's "parameters" chunk (tEXt, iTXt or zTXt), or the EXIF UserComment
+    where AUTOMATIC1111 and Forge write it in a JPEG or WebP; None without either."""
     value = image.info.get("parameters")
     if value is None and isinstance(image, PngImagePlugin.PngImageFile):
         value = image.text.get("parameters")  # a chunk after the image data (loads the image)
-    return str(value) if isinstance(value, str) else None
+    if value is None:
+        value = _user_comment(image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT))
+    return str(value) if isinstance(value, str) and value else None
+
+
+def _user_comment(value: Any) -> str | None:
+    """EXIF's UserComment: 8 bytes naming the encoding ("UNICODE": UTF-16, whose byte order A1111 does not mark, so
+    the zero bytes of ASCII text tell it), then the text."""
+    if not isinstance(value, bytes) or len(value) < 8:
+        return value if isinstance(value, str) else None
+    code, text = value[:8], value[8:]
+    if code == b"UNICODE\0":
+        if text[:2] in (codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE):
+            return text.decode("utf-16", errors="replace")
+        little = text[1:2] == b"\0" and text[:1] != b"\0"
+        return text.decode("utf-16-le" if little else "utf-16-be", errors="replace")
+    return text.decode("utf-8", errors="replace").rstrip("\0")  # "ASCII\0\0\0", or undefined (zeros)
 
 
 # ---------------------------------------------------------------------------------------------------------------

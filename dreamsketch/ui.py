@@ -781,8 +781,10 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
             with gr.Row():
                 restore = gr.Button("Reuse in Text to image", size="sm")
                 delete = gr.Button("Delete", variant="stop", size="sm")
-    with gr.Accordion("PNG info: read the parameters of any PNG", open=False), gr.Row(equal_height=False):
-        png = image_upload(label="Drop a PNG", sources=["upload"], height=260, elem_id="png-info")
+    with gr.Accordion("PNG info: read the parameters of a picture", open=False), gr.Row(equal_height=False):
+        png = image_upload(
+            label="Drop a PNG (or an A1111 JPEG or WebP)", sources=["upload"], height=260, elem_id="png-info"
+        )
         with gr.Column(min_width=300):
             png_text = gr.Textbox(label="Parameters text", lines=5, interactive=False)
             png_parsed = gr.JSON(label="Parsed")
@@ -850,7 +852,7 @@ def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
         gr.Warning("Not a readable image.")
         return "", None
     if text is None:
-        gr.Warning("This image has no A1111 'parameters' metadata.")
+        gr.Warning("This picture has no A1111 parameters (a PNG 'parameters' chunk or an EXIF UserComment).")
         return "", None
     return text, parse_parameters(text)
 

@@ -348,7 +348,7 @@ def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: Ru
     expect(page.locator("#gallery-grid button.thumbnail-item.selected")).to_have_count(0, timeout=10_000)
     expect(parameters).to_have_value("")
 
-    page.get_by_text("PNG info: read the parameters of any PNG").click()
+    page.get_by_text("PNG info: read the parameters of a picture").click()
     png = studio.gallery.file_path(pier.file_name)
     assert png is not None
     page.locator("#png-info input[type=file]").set_input_files(str(png))
@@ -381,7 +381,7 @@ def test_a_file_that_is_not_an_image_gets_our_message_in_img2img_and_png_info(br
     expect(page.get_by_text("Could not preprocess")).to_have_count(0)
 
     page.get_by_role("tab", name="Gallery").click()
-    page.get_by_text("PNG info: read the parameters of any PNG").click()
+    page.get_by_text("PNG info: read the parameters of a picture").click()
     page.locator("#png-info input[type=file]").set_input_files(str(not_an_image))
     expect(page.get_by_text("Not a readable image.")).to_be_visible(timeout=20_000)
     page.close()
@@ -402,11 +402,13 @@ def test_early_clicks_warn_and_leave_the_page_usable(browser, server: RunningSer
     expect(page.get_by_text("Select an image first.")).to_have_count(2, timeout=10_000)
     expect(page.get_by_text("Error", exact=True)).to_have_count(0)
 
-    page.get_by_text("PNG info: read the parameters of any PNG").click()
+    page.get_by_text("PNG info: read the parameters of a picture").click()
     plain = tmp_path / "plain.png"
     Image.new("RGB", (32, 32), "teal").save(plain)
     page.locator("#png-info input[type=file]").set_input_files(str(plain))
-    expect(page.get_by_text("This image has no A1111 'parameters' metadata.")).to_have_count(1, timeout=10_000)
+    expect(
+        page.get_by_text("This picture has no A1111 parameters (a PNG 'parameters' chunk or an EXIF UserComment).")
+    ).to_have_count(1, timeout=10_000)
     page.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import multiprocessing
 import os
 import re
@@ -628,3 +629,28 @@ def test_a_picture_whose_seed_does_not_fit_the_index_is_left_out(tmp_path: Path)
     gallery.refresh()
     assert [entry.file_name for entry in Gallery(tmp_path).list()] == [kept.file_name]
     assert parse_parameters(format_parameters(replace(META, seed=2**64 - 1)))["seed"] == 2**64 - 1  # PNG info reads it
+
+
+PARAMETERS_TEXT = (
+    "a fox, ünïcode 🦊\nNegative prompt: blur\n"
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: x"
+)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize(
+    "comment",
+    [
+        b"UNICODE\0" + PARAMETERS_TEXT.encode("utf-16-be"),  # AUTOMATIC1111 and Forge (piexif's "unicode")
+        b"UNICODE\0" + PARAMETERS_TEXT.encode("utf-16-le"),
+        b"UNICODE\0" + PARAMETERS_TEXT.encode("utf-16"),  # with a byte order mark
+        b"ASCII\0\0\0" + PARAMETERS_TEXT.encode(),
+    ],
+)
+def test_parameters_of_a1111_jpeg_and_webp_are_read_from_exif(fmt: str, comment: bytes) -> None:
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = comment
+    buffer = io.BytesIO()
+    image().save(buffer, format=fmt, exif=exif)
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        assert read_parameters(opened) == PARAMETERS_TEXT
