@@ -62,6 +62,7 @@ INT_FIELDS = ("width", "height", "steps", "seed", "batch_size")
 FLOAT_FIELDS = ("guidance_scale", "strength")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 INTERNAL_ERROR = "internal server error; the details are in the server log"
+MIN_SCRUBBED_CHARS = 4
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
 _DIGITS = re.compile(r"[0-9]{1,6}")
 _INTEGER = re.compile(r"[-+]?[0-9]+")
@@ -404,7 +405,10 @@ def basic_auth_ok(authorization: str | None, auth: tuple[str, str]) -> bool:
 
 
 def _add_exception_handlers(app: FastAPI, studio: Studio) -> None:
-    secret_values = [s for s in (studio.settings.hf_token, *(studio.settings.auth or ())) if s]
+    # The token and the password, not the user name: scrubbing a name such as "demo" garbled "tiny-demo" in messages
+    # (and showed which letters the secret has); so too a secret of a letter or two, which messages hold by chance.
+    password = studio.settings.auth[1] if studio.settings.auth else None
+    secret_values = [s for s in (studio.settings.hf_token, password) if s and len(s) >= MIN_SCRUBBED_CHARS]
 
     def scrub(message: str) -> str:
         for secret in secret_values:

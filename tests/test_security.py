@@ -354,3 +354,11 @@ def test_uploads_that_are_not_images_are_refused_by_img2img(open_server: Running
             client.predict(image=handle_file(str(tmp_path / name)), prompt="x", **FAST, api_name="/img2img")
     client.close()
     assert open_server.studio.gallery.count() == before
+
+
+def test_messages_keep_words_that_hold_the_user_name(tmp_path: Path) -> None:
+    """The user name was scrubbed from replies like a secret: with DREAMSKETCH_AUTH=demo:..., "tiny-demo" read
+    "tiny-***" (and a one-letter secret garbled every message)."""
+    with running_server(Studio(tiny_settings(tmp_path, auth=("demo", "x")))) as server:
+        reply = httpx.post(f"{server.url}/api/txt2img", json={"model_id": "nope"}, auth=("demo", "x"), timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"] == "field 'model_id': must be one of tiny-demo"
