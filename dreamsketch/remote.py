@@ -98,7 +98,8 @@ class RemoteEngine:
             image = self._ask(request, seed, model, scheduler)
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "no answer"
-            raise InferenceApiError(f"the Inference API refused model '{spec.id}' ({status})") from None
+            advice = "; set HF_TOKEN to a token that may use it" if status in (401, 403) else ""
+            raise InferenceApiError(f"the Inference API refused model '{spec.id}' ({status}){advice}") from None
         except (OSError, TransportError) as exc:
             raise InferenceApiError(f"the Inference API could not be reached ({exc.__class__.__name__})") from None
         except ValueError as exc:  # huggingface_hub's own refusal, e.g. a model whose Hub task is text-to-image only

@@ -88,10 +88,14 @@ def test_img2img_sends_the_image_and_strength(remote_studio):
     assert result.entries[0].meta.strength == 0.4
 
 
-def test_api_errors_are_reported_and_nothing_is_saved(remote_studio):
-    StandIn.status = 503
-    with pytest.raises(GenerationError, match="the Inference API refused model 'tiny-demo' \\(503\\)"):
+@pytest.mark.parametrize(
+    ("status", "advice"), [(503, ""), (401, "; set HF_TOKEN to a token that may use it"), (403, "; set HF_TOKEN")]
+)
+def test_api_errors_are_reported_and_nothing_is_saved(remote_studio, status, advice):
+    StandIn.status = status
+    with pytest.raises(GenerationError) as error:
         remote_studio.generate(remote_studio.parse({"prompt": "x", "seed": 1}, "txt2img"))
+    assert str(error.value).startswith(f"the Inference API refused model 'tiny-demo' ({status}){advice}")
     assert remote_studio.gallery.count() == 0
 
 
