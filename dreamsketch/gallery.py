@@ -53,6 +53,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.png")
 _NAME_TIME = re.compile(r"(\d{8}-\d{6})-")
 # A1111's own pattern for one "Key: value" pair (a value is a JSON string or runs to the next comma).
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_TRAILER = re.compile(r"(\w[\w \-/]+): (.*)")  # one "Key: value" line after the parameters line
+MAX_TRAILER_LINES = 4
 _INT = re.compile(r"[+-]?[0-9]+")
 
 
@@ -159,10 +161,9 @@ def parse_parameters(text: str) -> dict[str, Any]:
     when the text has them with a readable value (a malformed one goes to "extra" as written). "sampler" includes
     A1111 1.8+'s separate "Schedule type" (which "extra" keeps too): see _sampler_name.
     """
-    body, params_line = _split_params_line(text.rstrip())
+    body, params_line, extra = _split_params_line(text.rstrip())
     prompt, negative = _split_prompts(body)
     result: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
-    extra: dict[str, str] = {}
     for key, value in _param_items(params_line):
         converted = _convert(key, value)
         if converted is None:
@@ -184,13 +185,17 @@ def _sampler_name(sampler: str, schedule: str) -> str:
     return f"{sampler} {schedule}"
 
 
-def _split_params_line(text: str) -> tuple[str, str]:
-    """(prompt part, parameters line); like A1111, a last line with fewer than 3 pairs is prompt text."""
-    cut = text.rfind("\n")
-    last = text[cut + 1 :]
-    if len(_PARAM.findall(last)) < 3:
-        return text, ""
-    return (text[:cut] if cut >= 0 else ""), last
+def _split_params_line(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt part, parameters line, the "Key: value" lines after it). As in A1111 the parameters line is the last
+    with 3 pairs or more, but extensions may add lines of one pair after it (Dynamic Prompts: "Template: ...")."""
+    lines = text.split("\n")
+    for index in range(len(lines) - 1, max(len(lines) - 1 - MAX_TRAILER_LINES, 0) - 1, -1):
+        if len(_PARAM.findall(lines[index])) >= 3:
+            trailer = [_TRAILER.fullmatch(line) for line in lines[index + 1 :]]
+            return "\n".join(lines[:index]), lines[index], {m[1]: m[2] for m in trailer if m is not None}
+        if not _TRAILER.fullmatch(lines[index]):
+            break
+    return text, "", {}
 
 
 def _split_prompts(body: str) -> tuple[str, str]:

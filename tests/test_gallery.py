@@ -654,3 +654,16 @@ def test_parameters_of_a1111_jpeg_and_webp_are_read_from_exif(fmt: str, comment:
     image().save(buffer, format=fmt, exif=exif)
     with Image.open(io.BytesIO(buffer.getvalue())) as opened:
         assert read_parameters(opened) == PARAMETERS_TEXT
+
+
+def test_lines_an_extension_adds_after_the_parameters_line() -> None:
+    """Dynamic Prompts writes its templates after the parameters line: they went into the negative prompt, and the
+    picture's steps, seed and size were lost."""
+    text = (
+        "a red fox\nNegative prompt: bad\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, "
+        "Model: x\nTemplate: a {red|blue} fox\nNegative Template: bad"
+    )
+    parsed = parse_parameters(text)
+    assert (parsed["prompt"], parsed["negative_prompt"], parsed["steps"], parsed["seed"]) == ("a red fox", "bad", 20, 5)
+    assert parsed["extra"] == {"Template": "a {red|blue} fox", "Negative Template": "bad"}
+    assert parse_parameters("a cat\nstyle: watercolor")["prompt"] == "a cat\nstyle: watercolor"  # no parameters line
