@@ -53,7 +53,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.png")
 _NAME_TIME = re.compile(r"(\d{8}-\d{6})-")
 # A1111's own pattern for one "Key: value" pair (a value is a JSON string or runs to the next comma).
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-_TRAILER = re.compile(r"(\w[\w \-/]+): (.*)")  # one "Key: value" line after the parameters line
+_TRAILER = re.compile(r"(\w[\w \-/]+):(?: (.*))?")  # one "Key: value" line after the parameters line
 MAX_TRAILER_LINES = 4
 _INT = re.compile(r"[+-]?[0-9]+")
 
@@ -192,7 +192,7 @@ def _split_params_line(text: str) -> tuple[str, str, dict[str, str]]:
     for index in range(len(lines) - 1, max(len(lines) - 1 - MAX_TRAILER_LINES, 0) - 1, -1):
         if len(_PARAM.findall(lines[index])) >= 3:
             trailer = [_TRAILER.fullmatch(line) for line in lines[index + 1 :]]
-            return "\n".join(lines[:index]), lines[index], {m[1]: m[2] for m in trailer if m is not None}
+            return "\n".join(lines[:index]), lines[index], {m[1]: m[2] or "" for m in trailer if m is not None}
         if not _TRAILER.fullmatch(lines[index]):
             break
     return text, "", {}
@@ -474,9 +474,11 @@ class Gallery:
         found = []
         for name in names:
             path = self.folder / name
-            with contextlib.suppress(OSError, SyntaxError, ValueError):
+            try:
                 mtime = path.stat().st_mtime
                 found.append((mtime, name, meta_from_parameters(_png_parameters(path) or ""), _created_at(name, mtime)))
+            except (OSError, SyntaxError, ValueError) as exc:  # not ours, not readable, or not indexable
+                log.info("gallery: %s left out of the index (%s)", name, exc)
         found.sort(key=lambda item: (item[0], item[1]))
         return [(name, meta, created) for _, name, meta, created in found]
 

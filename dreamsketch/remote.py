@@ -86,7 +86,7 @@ class RemoteEngine:
             return None
         if spec.source_kind != "hub":
             raise ModelUnavailableError(
-                f"model '{spec.id}' is local ({spec.source}) and cannot run on the Inference API; "
+                f"model '{spec.id}' is a local model and cannot run on the Inference API; "
                 "set USE_LOCAL_MODELS=true or pick a Hub model"
             )
         return spec.source

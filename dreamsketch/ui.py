@@ -78,9 +78,10 @@ CSS = """
   #models-table .table-container { min-width: 760px; }
 }
 """
-# The restored fields checked one at a time as a txt2img request would check them (strength comes from img2img
-# pictures, whose A1111 "Denoising strength" is always within its bounds).
+# The restored fields checked as a txt2img request would check them, one at a time but the size as a pair (strength
+# comes from img2img pictures, whose A1111 "Denoising strength" is always within its bounds).
 RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "batch_size")
+SIZE = ("width", "height")
 FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed")
 
 
@@ -311,27 +312,46 @@ def suggestion_samples(studio: Studio, model_id: str) -> list[list[str]]:
     return [[prompt] for prompt in studio.registry.get(model_id).prompts or SUGGESTED_PROMPTS]
 
 
-def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ...]) -> list[Any]:
+def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ...], form_model: str) -> list[Any]:
     """Updates for the form fields `names` from request-style parameters; gr.skip() where absent (the scheduler:
-    the model's own) or outside the request rules (with a warning naming the field: another tool's picture may
-    have Steps: 200 or a 64-bit seed)."""
-    model_id = parameters.get("model_id")
-    if model_id is not None and model_id not in studio.registry:
-        gr.Warning(html.escape(f"Model '{model_id}' is not in this registry; the model is unchanged.", quote=False))
-        model_id = None
+    the model's own) or outside the request rules for the model the form will have (`form_model` unless the
+    parameters name another that can run here), with a warning naming the field: another tool's picture may
+    have Steps: 200, a 64-bit seed or a size too large for the model."""
+    model_id = restorable_model(studio, parameters.get("model_id"))
+    given = {name: parameters.get(name) for name in RESTORE_CHECKED if parameters.get(name) is not None}
+    left_out = set()
+    for checked in (
+        {k: v for k, v in given.items() if k in SIZE},
+        *({k: v} for k, v in given.items() if k not in SIZE),
+    ):
+        try:
+            if checked:
+                studio.parse({**checked, "model_id": model_id or form_model}, "txt2img")
+        except RequestError as exc:
+            kept = "width and height left as they were" if len(checked) > 1 else f"{next(iter(checked))} left as it was"
+            gr.Warning(html.escape(f"{exc}; {kept}.", quote=False))
+            left_out |= set(checked)
     values: list[Any] = []
     for name in names:
         value = model_id if name == "model_id" else parameters.get(name)
         if name == "scheduler" and value not in SCHEDULERS:
             value = DEFAULT_SCHEDULER
-        elif value is not None and name in RESTORE_CHECKED:
-            try:
-                studio.parse({name: value, "model_id": model_id}, "txt2img")
-            except RequestError as exc:
-                gr.Warning(html.escape(f"{exc}; it is left as it was.", quote=False))
-                value = None
-        values.append(gr.skip() if value is None else value)
+        values.append(gr.skip() if value is None or name in left_out else value)
     return values
+
+
+def restorable_model(studio: Studio, model_id: str | None) -> str | None:
+    """The parameters' model if it is registered and can run here; else None (the form keeps its own), said why."""
+    if model_id is None:
+        return None
+    if model_id not in studio.registry:
+        gr.Warning(html.escape(f"Model '{model_id}' is not in this registry; the model is unchanged.", quote=False))
+        return None
+    state, available = studio.engine.model_state(studio.registry.get(model_id))
+    if not available:
+        gr.Warning(html.escape(f"Model '{model_id}' cannot run now ({state}); the model is unchanged.", quote=False))
+        return None
+    return model_id
 
 
 def a1111_to_parameters(parsed: dict[str, Any]) -> dict[str, Any]:
@@ -699,18 +719,20 @@ def picked(items: list[Any], selected: int) -> Any:
     return items[min(max(selected, 0), len(items) - 1)]
 
 
-def reuse_parameters(studio: Studio, info: dict[str, Any], selected: int, names: tuple[str, ...]) -> list[Any]:
+def reuse_parameters(
+    studio: Studio, info: dict[str, Any], selected: int, names: tuple[str, ...], form_model: str
+) -> list[Any]:
     parameters = dict(info["parameters"])
     seeds = info.get("seeds") or []
     if seeds:
         parameters["seed"] = picked(seeds, selected)
-    return form_values(parameters, studio, names)
+    return form_values(parameters, studio, names, form_model)
 
 
 def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
     send_outputs = [i2i.fields["image"], *i2i.restorable(), tabs]
 
-    def send(info: dict[str, Any] | None, selected: int) -> list[Any]:
+    def send(info: dict[str, Any] | None, selected: int, form_model: str) -> list[Any]:
         """The selected result (the first if none) by its gallery file: Gradio would refuse a deleted one's path
         before this runs, with the server's path in its message, if the results were this event's input."""
         if not info or "parameters" not in info:
@@ -718,22 +740,24 @@ def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
         path = studio.gallery.folder / picked(info["file_names"], selected)
         if not studio.gallery.holds(path):
             return leave_as_is("This picture is no longer in the gallery.", len(send_outputs))
-        parameters = reuse_parameters(studio, info, selected, i2i.restorable_names)
+        parameters = reuse_parameters(studio, info, selected, i2i.restorable_names, form_model)
         return [str(path), *parameters, gr.Tabs(selected="img2img")]
 
-    def reuse_into(names: tuple[str, ...]) -> Callable[[dict[str, Any] | None, int], list[Any]]:
-        def reuse(info: dict[str, Any] | None, selected: int) -> list[Any]:
+    def reuse_into(names: tuple[str, ...]) -> Callable[[dict[str, Any] | None, int, str], list[Any]]:
+        def reuse(info: dict[str, Any] | None, selected: int, form_model: str) -> list[Any]:
             if not info or "parameters" not in info:
                 return leave_as_is(NOTHING_GENERATED, len(names))
-            return reuse_parameters(studio, info, selected, names)
+            return reuse_parameters(studio, info, selected, names, form_model)
 
         return reuse
 
     for form in (t2i, i2i):
         assert form.reuse and form.send and form.info and form.selected
         reuse = reuse_into(form.restorable_names)
-        form.reuse.click(reuse, inputs=[form.info, form.selected], outputs=form.restorable(), **PRIVATE)
-        form.send.click(send, inputs=[form.info, form.selected], outputs=send_outputs, **PRIVATE)
+        inputs = [form.info, form.selected, form.fields["model_id"]]
+        form.reuse.click(reuse, inputs=inputs, outputs=form.restorable(), **PRIVATE)
+        send_inputs = [form.info, form.selected, i2i.fields["model_id"]]
+        form.send.click(send, inputs=send_inputs, outputs=send_outputs, **PRIVATE)
 
 
 # -- Gallery tab ------------------------------------------------------------------------------------------------
@@ -824,16 +848,23 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
 
     delete.click(remove, inputs=[chosen, page], outputs=page_outputs, **PRIVATE)
 
-    def restore_entry(text: str):  # type: ignore[no-untyped-def]
-        if not text:
-            return leave_as_is("Select an image first.", len(t2i.restorable()) + 1)
-        parameters = a1111_to_parameters(parse_parameters(text))
-        return [*form_values(parameters, studio, t2i.restorable_names), gr.Tabs(selected="txt2img")]
+    def restore_into_form(nothing: str) -> Callable[[str, str], list[Any]]:
+        def restore_entry(text: str, form_model: str) -> list[Any]:
+            if not text:
+                return leave_as_is(nothing, len(t2i.restorable()) + 1)
+            parameters = a1111_to_parameters(parse_parameters(text))
+            values = form_values(parameters, studio, t2i.restorable_names, form_model)
+            return [*values, gr.Tabs(selected="txt2img")]
 
-    restore.click(restore_entry, inputs=params_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
+        return restore_entry
+
+    restore_outputs = [*t2i.restorable(), tabs]
+    restore_entry = restore_into_form("Select an image first.")
+    restore.click(restore_entry, inputs=[params_text, t2i.fields["model_id"]], outputs=restore_outputs, **PRIVATE)
     png.upload(png_info, inputs=png, outputs=[png_text, png_parsed], **PRIVATE)  # .change fired twice per drop
     png.clear(lambda: ("", None), outputs=[png_text, png_parsed], **PRIVATE)
-    png_restore.click(restore_entry, inputs=png_text, outputs=[*t2i.restorable(), tabs], **PRIVATE)
+    restore_png = restore_into_form("Drop a picture with parameters first.")
+    png_restore.click(restore_png, inputs=[png_text, t2i.fields["model_id"]], outputs=restore_outputs, **PRIVATE)
     return page, page_outputs, show
 
 

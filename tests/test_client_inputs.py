@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 import httpx
 import pytest
+import yaml
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -250,12 +251,28 @@ def test_restored_parameters_outside_the_rules_are_left_out_with_a_warning(tmp_p
     parameters |= {"seed": 2**64 - 1, "model_id": "tiny-demo", "scheduler": "Euler"}
     names = ("prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed", "scheduler")
     with pytest.warns(UserWarning) as warned:
-        values = form_values(parameters, studio, names)
+        values = form_values(parameters, studio, names, "tiny-demo")
     assert dict(zip(names, values, strict=True)) == {
         "prompt": "a fox", "model_id": "tiny-demo", "width": SKIP, "height": SKIP, "steps": SKIP,
         "guidance_scale": 5.0, "seed": SKIP, "scheduler": "Euler",
     }  # fmt: skip
-    assert [str(w.message).split(":")[0] for w in warned] == [
-        "field 'width'", "field 'height'", "field 'steps'", "field 'seed'"
+    assert [str(w.message).split(":")[0] for w in warned] == ["field 'height'", "field 'steps'", "field 'seed'"]
+    assert [str(w.message).rsplit("; ", 1)[1] for w in warned] == [
+        "width and height left as they were.", "steps left as it was.", "seed left as it was."
     ]  # fmt: skip
-    assert all(str(w.message).endswith("; it is left as it was.") for w in warned)
+
+
+def test_a_restored_size_is_checked_whole_against_the_model_the_form_will_have(tmp_path: Path) -> None:
+    """Each side was checked alone against the server's default model: 256x256 passed for a 64x64 model (and
+    Generate refused it), 512x128 was refused for a 128x128 model chosen in the form."""
+    registry = tmp_path / "models.yaml"
+    small = {"id": "small", "name": "small", "source": "builtin:tiny", "family": "sd15", "steps": 4}
+    small |= {"width": 64, "height": 64, "guidance_scale": 7.5}
+    registry.write_text(yaml.safe_dump([small, {**small, "id": "tiny-demo", "width": 128, "height": 128}]))
+    studio = Studio(tiny_settings(tmp_path, default_model="small"))
+    names = ("model_id", "width", "height")
+    with pytest.warns(UserWarning, match=r"native area \(64x64\): 256x256 is too large; width and height left"):
+        assert form_values({"width": 256, "height": 256}, studio, names, "small") == [SKIP, SKIP, SKIP]
+    with pytest.warns(UserWarning, match="^Model 'v1-5-pruned' is not in this registry; the model is unchanged.$"):
+        values = form_values({"width": 512, "height": 128, "model_id": "v1-5-pruned"}, studio, names, "tiny-demo")
+    assert values == [SKIP, 512, 128]  # fits tiny-demo, the form's model, not "small", the server's default

@@ -667,3 +667,4 @@ def test_lines_an_extension_adds_after_the_parameters_line() -> None:
     assert (parsed["prompt"], parsed["negative_prompt"], parsed["steps"], parsed["seed"]) == ("a red fox", "bad", 20, 5)
     assert parsed["extra"] == {"Template": "a {red|blue} fox", "Negative Template": "bad"}
     assert parse_parameters("a cat\nstyle: watercolor")["prompt"] == "a cat\nstyle: watercolor"  # no parameters line
+    assert parse_parameters(f"{text}\nNegative Template: ")["extra"]["Negative Template"] == ""  # emptied by rstrip

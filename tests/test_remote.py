@@ -179,9 +179,8 @@ def test_a_local_model_is_refused_before_any_network_work(settings, tmp_path, mo
     models_file = write_registry(tmp_path / "remote.yaml", [entry(model_id, source)])
     local = dataclasses.replace(settings, models_file=models_file, default_model=model_id, use_local_models=False)
     studio = Studio(local)
-    shown = source if source == "builtin:tiny" else str((tmp_path / source).resolve())
-    message = re.escape(
-        f"model '{model_id}' is local ({shown}) and cannot run on the Inference API; "
+    message = re.escape(  # no server path in it: browser users see it
+        f"model '{model_id}' is a local model and cannot run on the Inference API; "
         "set USE_LOCAL_MODELS=true or pick a Hub model"
     )
     with pytest.raises(ModelUnavailableError, match=f"^{message}$"):
