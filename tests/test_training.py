@@ -109,3 +109,31 @@ def test_a_run_refuses_to_resume_with_other_settings(tmp_path: Path) -> None:
     run_training(tmp_path / "run", tmp_path / "model")
     with pytest.raises(SystemExit, match="other settings"):
         train.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "model"), "--vae-steps", "3"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (["--unet-steps", "0"], "--unet-steps: must be a whole number at least 1 (got 0)"),
+        (["--vae-steps", "-5"], "--vae-steps: must be a whole number at least 1 (got -5)"),
+        (["--batch", "0"], "--batch: must be a whole number at least 1 (got 0)"),
+        (["--vae-batch", "0"], "--vae-batch: must be a whole number at least 1 (got 0)"),
+        (["--unet-lr", "nan"], "--unet-lr: must be a number above 0 (got nan)"),
+        (["--vae-lr", "-1"], "--vae-lr: must be a number above 0 (got -1)"),
+        (["--threads", "0"], "--threads: must be a whole number at least 1 (got 0)"),
+        (["--seed", "99999999999999999999"], "--seed: must be a whole number from 0 to 4294967295"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], words: str
+) -> None:
+    """0 steps saved an untrained model over the shipped one; the others failed with a traceback, some only after
+    the VAE phase, and left a run folder that refused the corrected retry."""
+    with pytest.raises(SystemExit):
+        train.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "model"), *arguments])
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "model").exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        train.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "a-file")])
+    assert "--out: " in capsys.readouterr().err

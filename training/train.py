@@ -245,23 +245,49 @@ def assemble(
     )
 
 
+def whole(lowest: int, highest: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `lowest` (to `highest`)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lowest or (highest is not None and value > highest):
+            span = f"at least {lowest}" if highest is None else f"from {lowest} to {highest}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {span} (got {text})")
+        return value
+
+    return parse
+
+
+def rate(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0 (got {text})")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The run's settings, each checked here: a bad one used to fail with a traceback after the VAE phase, or to
+    save an untrained model over the shipped one (0 steps)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="tiny-shapes", help="run name: checkpoints in training/runs/<run>")
     parser.add_argument("--out", default="models/tiny-shapes", help="where the diffusers folder is saved")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-lr", type=float, default=3e-3)
-    parser.add_argument("--unet-steps", type=int, default=6400)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--unet-lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=whole(0, 2**32 - 1), default=0)
+    parser.add_argument("--vae-steps", type=whole(1), default=2500)
+    parser.add_argument("--vae-batch", type=whole(1), default=16)
+    parser.add_argument("--vae-lr", type=rate, default=3e-3)
+    parser.add_argument("--unet-steps", type=whole(1), default=6400)
+    parser.add_argument("--batch", type=whole(1), default=32)
+    parser.add_argument("--unet-lr", type=rate, default=1e-3)
+    parser.add_argument("--threads", type=whole(1), default=2, help="CPU threads (the weights depend on it too)")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} is a file, not a folder")
+    return args
 
 
-# The settings that decide the weights; a run resumes only with the same ones.
-SETTINGS = ("seed", "vae_steps", "vae_batch", "vae_lr", "unet_steps", "batch", "unet_lr")
+# The settings that decide the weights (the thread count too: it changes how sums are rounded); a run resumes only
+# with the same ones.
+SETTINGS = ("seed", "vae_steps", "vae_batch", "vae_lr", "unet_steps", "batch", "unet_lr", "threads")
 
 
 def check_settings(run: Run, args: argparse.Namespace) -> None:
@@ -299,4 +325,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the last checkpoint is kept: the same command resumes from it
+        raise SystemExit("interrupted; run the same command again to resume from the last checkpoint") from None
