@@ -318,19 +318,7 @@ def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ..
     parameters name another that can run here), with a warning naming the field: another tool's picture may
     have Steps: 200, a 64-bit seed or a size too large for the model."""
     model_id = restorable_model(studio, parameters.get("model_id"))
-    given = {name: parameters.get(name) for name in RESTORE_CHECKED if parameters.get(name) is not None}
-    left_out = set()
-    for checked in (
-        {k: v for k, v in given.items() if k in SIZE},
-        *({k: v} for k, v in given.items() if k not in SIZE),
-    ):
-        try:
-            if checked:
-                studio.parse({**checked, "model_id": model_id or form_model}, "txt2img")
-        except RequestError as exc:
-            kept = "width and height left as they were" if len(checked) > 1 else f"{next(iter(checked))} left as it was"
-            gr.Warning(html.escape(f"{exc}; {kept}.", quote=False))
-            left_out |= set(checked)
+    left_out = outside_the_rules(studio, parameters, model_id or form_model)
     values: list[Any] = []
     for name in names:
         value = model_id if name == "model_id" else parameters.get(name)
@@ -338,6 +326,24 @@ def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ..
             value = DEFAULT_SCHEDULER
         values.append(gr.skip() if value is None or name in left_out else value)
     return values
+
+
+def outside_the_rules(studio: Studio, parameters: dict[str, Any], model_id: str) -> set[str]:
+    """The restored fields a request for `model_id` would refuse, each said in a warning: checked one at a time, but
+    width and height together (their product has a bound)."""
+    given = {name: parameters[name] for name in RESTORE_CHECKED if parameters.get(name) is not None}
+    size = {name: value for name, value in given.items() if name in SIZE}
+    groups = [size] if size else []
+    groups += [{name: value} for name, value in given.items() if name not in SIZE]
+    refused: set[str] = set()
+    for group in groups:
+        try:
+            studio.parse({**group, "model_id": model_id}, "txt2img")
+        except RequestError as exc:
+            kept = "width and height left as they were" if len(group) > 1 else f"{next(iter(group))} left as it was"
+            gr.Warning(html.escape(f"{exc}; {kept}.", quote=False))
+            refused |= set(group)
+    return refused
 
 
 def restorable_model(studio: Studio, model_id: str | None) -> str | None:
