@@ -187,10 +187,12 @@ def _sampler_name(sampler: str, schedule: str) -> str:
 
 def _split_params_line(text: str) -> tuple[str, str, dict[str, str]]:
     """(prompt part, parameters line, the "Key: value" lines after it). As in A1111 the parameters line is the last
-    with 3 pairs or more, but extensions may add lines of one pair after it (Dynamic Prompts: "Template: ...")."""
+    line if it has 3 pairs or more; extensions may add lines of one pair after it (Dynamic Prompts: "Template:
+    ..."), and then the parameters line is the one before them that has Steps (a prompt may end in such lines)."""
     lines = text.split("\n")
     for index in range(len(lines) - 1, max(len(lines) - 1 - MAX_TRAILER_LINES, 0) - 1, -1):
-        if len(_PARAM.findall(lines[index])) >= 3:
+        pairs = _PARAM.findall(lines[index])
+        if len(pairs) >= 3 and (index == len(lines) - 1 or any(key.strip() == "Steps" for key, _ in pairs)):
             trailer = [_TRAILER.fullmatch(line) for line in lines[index + 1 :]]
             return "\n".join(lines[:index]), lines[index], {m[1]: m[2] or "" for m in trailer if m is not None}
         if not _TRAILER.fullmatch(lines[index]):
@@ -300,7 +302,10 @@ def read_parameters(image: Image.Image) -> str | None:
     if value is None and isinstance(image, PngImagePlugin.PngImageFile):
         value = image.text.get("parameters")  # a chunk after the image data (loads the image)
     if value is None:
-        value = _user_comment(image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT))
+        try:
+            value = _user_comment(image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT))
+        except Exception:  # malformed EXIF: Pillow raises whatever its parser meets (SyntaxError, struct.error, ...)
+            value = None
     return str(value) if isinstance(value, str) and value else None
 
 
@@ -313,9 +318,14 @@ def _user_comment(value: Any) -> str | None:
     if code == b"UNICODE\0":
         if text[:2] in (codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE):
             return text.decode("utf-16", errors="replace")
-        little = text[1:2] == b"\0" and text[:1] != b"\0"
-        return text.decode("utf-16-le" if little else "utf-16-be", errors="replace")
+        return max((text.decode(order, errors="replace") for order in ("utf-16-be", "utf-16-le")), key=_readable)
     return text.decode("utf-8", errors="replace").rstrip("\0")  # "ASCII\0\0\0", or undefined (zeros)
+
+
+def _readable(text: str) -> int:
+    """How much of `text` reads as parameters do: the byte order that gives more of ASCII's letters, digits,
+    punctuation and line breaks is the one it was written in (A1111 writes UTF-16 without a byte order mark)."""
+    return sum(" " <= char <= "~" or char == "\n" for char in text)
 
 
 # ---------------------------------------------------------------------------------------------------------------

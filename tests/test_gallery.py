@@ -668,3 +668,30 @@ def test_lines_an_extension_adds_after_the_parameters_line() -> None:
     assert parsed["extra"] == {"Template": "a {red|blue} fox", "Negative Template": "bad"}
     assert parse_parameters("a cat\nstyle: watercolor")["prompt"] == "a cat\nstyle: watercolor"  # no parameters line
     assert parse_parameters(f"{text}\nNegative Template: ")["extra"]["Negative Template"] == ""  # emptied by rstrip
+
+
+def test_a_prompt_that_ends_in_key_value_lines_stays_a_prompt() -> None:
+    """A prompt line of 3 pairs followed by lines of one pair was taken for a parameters line and its trailer."""
+    for text in (
+        "masterpiece, style: anime, light: soft, mood: calm\nNote: x",
+        "a\nLens: 50mm, Film: k, F: 2\nNote: x",
+    ):
+        parsed = parse_parameters(text)
+        assert (parsed["prompt"], parsed["extra"]) == (text, {})
+
+
+@pytest.mark.parametrize("text", ["一个女孩, masterpiece", "猫 on a sofa", "🐱 cat, best quality"])
+@pytest.mark.parametrize("order", ["utf-16-be", "utf-16-le"])
+def test_a_user_comment_that_starts_outside_ascii_reads_in_either_byte_order(text: str, order: str) -> None:
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + f"{text}\n{PARAMETERS_TEXT}".encode(order)
+    buffer = io.BytesIO()
+    image().save(buffer, format="JPEG", exif=exif)
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        assert read_parameters(opened) == f"{text}\n{PARAMETERS_TEXT}"
+
+
+def test_malformed_exif_reads_as_no_parameters(tmp_path: Path) -> None:
+    image().save(tmp_path / "bad.png", exif=b"Exif\0\0hello")  # getexif() raises SyntaxError on it
+    with Image.open(tmp_path / "bad.png") as opened:
+        assert read_parameters(opened) is None
