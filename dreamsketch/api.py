@@ -65,6 +65,7 @@ INTERNAL_ERROR = "internal server error; the details are in the server log"
 MIN_SCRUBBED_CHARS = 4
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
 _DIGITS = re.compile(r"[0-9]{1,6}")
+_HOST = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")  # a name, IPv4 or [IPv6], and a port
 _INTEGER = re.compile(r"[-+]?[0-9]+")
 _NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # as HTML forms and curl users write
 _NO_CONTROL = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"
@@ -366,16 +367,25 @@ async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> Non
 
 def result_item(request: Request, entry: GalleryEntry) -> dict[str, Any]:
     flat = entry.to_dict()
-    url = origin(request.headers, request.url.scheme) + request.url_for("media_file", file_name=entry.file_name).path
+    served = origin(request.headers, request.url.scheme, request.url.netloc)
+    url = served + request.url_for("media_file", file_name=entry.file_name).path
     return {"id": flat["id"], "url": url, **{key: flat[key] for key in RESULT_KEYS[1:]}}
 
 
-def origin(headers: Mapping[str, str], scheme: str) -> str:
-    """scheme://host as the client reached the server: behind a proxy such as Spaces' (which ends TLS), the ones it
-    forwarded. A client that forwards others itself only changes the addresses in its own replies."""
-    host = headers.get("x-forwarded-host") or headers["host"]
-    scheme = headers.get("x-forwarded-proto") or scheme
-    return f"{scheme.split(',')[0].strip()}://{host.split(',')[0].strip()}"
+def origin(headers: Mapping[str, str], scheme: str, host: str) -> str:
+    """scheme://host as the client reached the server (`scheme` and `host`, from its socket, where the request names
+    no Host): behind a proxy such as Spaces' (which ends TLS), the ones it forwarded, if they are an http(s) scheme
+    and a host[:port]. A client that forwards others itself only changes the addresses in its own replies."""
+    forwarded_scheme = _first(headers.get("x-forwarded-proto")).lower()
+    forwarded_host = _first(headers.get("x-forwarded-host")) or _first(headers.get("host"))
+    scheme = forwarded_scheme if forwarded_scheme in ("http", "https") else scheme
+    host = forwarded_host if _HOST.fullmatch(forwarded_host) else host
+    return f"{scheme}://{host}"
+
+
+def _first(value: str | None) -> str:
+    """The first value of a header that a chain of proxies may have made a list."""
+    return (value or "").split(",")[0].strip()
 
 
 def _auth_dependencies(auth: tuple[str, str] | None) -> list[Any]:

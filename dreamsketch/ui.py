@@ -318,19 +318,24 @@ def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ..
     parameters name another that can run here), with a warning naming the field: another tool's picture may
     have Steps: 200, a 64-bit seed or a size too large for the model."""
     model_id = restorable_model(studio, parameters.get("model_id"))
-    left_out = outside_the_rules(studio, parameters, model_id or form_model)
+    new_model = studio.registry.get(model_id) if model_id not in (None, form_model) else None
+    native = {"width": new_model.width, "height": new_model.height} if new_model else {}  # a size that fits it
+    left_out = outside_the_rules(studio, parameters, model_id or form_model, native)
     values: list[Any] = []
     for name in names:
         value = model_id if name == "model_id" else parameters.get(name)
         if name == "scheduler" and value not in SCHEDULERS:
             value = DEFAULT_SCHEDULER
-        values.append(gr.skip() if value is None or name in left_out else value)
+        if name in left_out:
+            value = native.get(name)
+        values.append(gr.skip() if value is None else value)
     return values
 
 
-def outside_the_rules(studio: Studio, parameters: dict[str, Any], model_id: str) -> set[str]:
+def outside_the_rules(studio: Studio, parameters: dict[str, Any], model_id: str, native: dict[str, int]) -> set[str]:
     """The restored fields a request for `model_id` would refuse, each said in a warning: checked one at a time, but
-    width and height together (their product has a bound)."""
+    width and height together (their product has a bound). A refused size becomes `native` where given (the
+    restored model's own: the form's size may not fit it either)."""
     given = {name: parameters[name] for name in RESTORE_CHECKED if parameters.get(name) is not None}
     size = {name: value for name, value in given.items() if name in SIZE}
     groups = [size] if size else []
@@ -340,7 +345,9 @@ def outside_the_rules(studio: Studio, parameters: dict[str, Any], model_id: str)
         try:
             studio.parse({**group, "model_id": model_id}, "txt2img")
         except RequestError as exc:
-            kept = "width and height left as they were" if len(group) > 1 else f"{next(iter(group))} left as it was"
+            kept = f"{' and '.join(group)} left as {'they were' if len(group) > 1 else 'it was'}"
+            if native and set(group) <= set(SIZE):
+                kept = f"the model's own size ({native['width']}x{native['height']}) instead"
             gr.Warning(html.escape(f"{exc}; {kept}.", quote=False))
             refused |= set(group)
     return refused
@@ -986,8 +993,10 @@ def docs_markdown(studio: Studio, url: str | None = None) -> str:
 
 def page_url(request: gr.Request) -> str:
     """The address the browser reached this app at (behind a proxy such as Spaces', the one it forwarded)."""
-    scheme = request.request.url.scheme if request.request is not None else "http"
-    return origin({key.lower(): value for key, value in dict(request.headers).items()}, scheme)
+    headers = {key.lower(): value for key, value in dict(request.headers).items()}
+    if request.request is None:
+        return origin(headers, "http", "127.0.0.1")
+    return origin(headers, request.request.url.scheme, request.request.url.netloc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import socket
 import threading
 import time
@@ -220,6 +221,32 @@ def test_urls_behind_a_proxy_are_the_public_ones(client: httpx.Client) -> None:
     listed = client.get("/api/results?limit=1", headers=proxy).json()["results"][0]
     assert listed["url"] == result["url"]
     assert client.get("/api/results?limit=1").json()["results"][0]["url"].startswith(str(client.base_url))
+    for odd in (  # not an http(s) scheme or not a host[:port]: the server's own address is used instead
+        {"x-forwarded-proto": "javascript", "x-forwarded-host": "evil.example/steal?x="},
+        {"x-forwarded-proto": ",https", "x-forwarded-host": ", b.example"},
+        {"x-forwarded-host": "good.example@evil.example"},
+    ):
+        url = client.get("/api/results?limit=1", headers=odd).json()["results"][0]["url"]
+        assert url.startswith(f"{client.base_url}/media/generated/"), (odd, url)
+    ipv6 = client.get("/api/results?limit=1", headers={"x-forwarded-host": "[::1]:9000, other"}).json()
+    assert ipv6["results"][0]["url"].startswith("http://[::1]:9000/media/generated/")
+
+
+def test_a_request_without_a_host_header_gets_the_servers_address(server: Server) -> None:
+    """HTTP/1.0 without Host: the picture was saved, then the reply failed (500) building its URL."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        body = json.dumps(FAST).encode()
+        conn.sendall(
+            b"POST /api/txt2img HTTP/1.0\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert f'"url":"{server.url}/media/generated/'.encode() in reply.replace(b" ", b"")
 
 
 def test_health_answers_during_a_generation(server: Server, client: httpx.Client) -> None:

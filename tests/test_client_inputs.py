@@ -276,3 +276,6 @@ def test_a_restored_size_is_checked_whole_against_the_model_the_form_will_have(t
     with pytest.warns(UserWarning, match="^Model 'v1-5-pruned' is not in this registry; the model is unchanged.$"):
         values = form_values({"width": 512, "height": 128, "model_id": "v1-5-pruned"}, studio, names, "tiny-demo")
     assert values == [SKIP, 512, 128]  # fits tiny-demo, the form's model, not "small", the server's default
+    with pytest.warns(UserWarning, match=r"1024x1024 is too large; the model's own size \(64x64\) instead\.$"):
+        values = form_values({"width": 1024, "height": 1024, "model_id": "small"}, studio, names, "tiny-demo")
+    assert values == ["small", 64, 64]  # the form's size (tiny-demo's) may not fit the model restored either
