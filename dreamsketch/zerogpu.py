@@ -86,6 +86,7 @@ class ZeroGpuEngine(LocalEngine):
         try:
             if on_start is not None:
                 on_start()
+            self.preload(request.model_id)  # here, before a worker is forked: it gets the weights with its memory
             for item in self._on_gpu(request):
                 if cancel is not None and cancel.is_set():
                     raise GenerationCancelled

@@ -101,3 +101,10 @@ def test_a_cancel_stops_the_wait_and_saves_nothing(zero_gpu, settings) -> None: 
         studio.generate(request, on_step=cancel_at_the_second_step, cancel=cancel)
     assert studio.gallery.count() == 0
     assert studio.generate(studio.parse({"prompt": "after", "steps": 2}, "txt2img")).entries  # the lease was freed
+
+
+def test_a_model_loads_in_the_main_process_before_the_worker_is_forked(zero_gpu, settings) -> None:  # type: ignore[no-untyped-def]
+    """Each worker loaded a model other than the default itself, inside its GPU lease, and kept it to itself."""
+    studio = Studio(settings)
+    studio.generate(studio.parse({"prompt": "x", "steps": 2, "model_id": "tiny-folder"}, "txt2img"))
+    assert studio.engine.loaded_ids() == ["tiny-folder"]
