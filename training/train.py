@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,6 +250,8 @@ def whole(lowest: int, highest: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number from `lowest` (to `highest`)."""
 
     def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or not text.isascii():  # int() takes "1_0" and other digits
+            raise argparse.ArgumentTypeError(f"must be a whole number (got {text})")
         value = int(text)
         if value < lowest or (highest is not None and value > highest):
             span = f"at least {lowest}" if highest is None else f"from {lowest} to {highest}"
@@ -280,8 +283,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unet-lr", type=rate, default=1e-3)
     parser.add_argument("--threads", type=whole(1), default=2, help="CPU threads (the weights depend on it too)")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out: {args.out} is a file, not a folder")
+    out = Path(args.out)
+    folder = out if out.exists() else next(parent for parent in out.parents if parent.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        parser.error(f"--out: {args.out} cannot be written (a file, or a folder this user cannot write in, is there)")
     return args
 
 
@@ -299,8 +304,8 @@ def check_settings(run: Run, args: argparse.Namespace) -> None:
     changed = {key: (before.get(key), getattr(args, key)) for key in SETTINGS if before.get(key) != getattr(args, key)}
     if changed:
         raise SystemExit(
-            f"{run.folder} was started with other settings {changed} (before, now); "
-            "use another --run or delete that folder to start afresh"
+            f"{run.folder} was started with other settings {changed} (before, now); resume with the settings "
+            "it began with, use another --run, or delete that folder to start afresh"
         )
 
 
