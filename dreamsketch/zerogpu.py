@@ -64,9 +64,9 @@ class ZeroGpuEngine(LocalEngine):
     the main process (ZeroGPU keeps their weights for the workers); the worker runs the pipeline call alone."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
-        super().__init__(settings, registry)
-        import spaces  # present on Spaces only
+        import spaces  # present on Spaces only; before the device is chosen (it makes CUDA look present)
 
+        super().__init__(settings, registry)
         self._lease = threading.Lock()  # one call at a time: ZeroGPU's queue is per call, the Space's own is this
         self._on_gpu: Callable[[GenerationRequest], Iterator[Relayed]] = spaces.GPU(duration=lease_seconds)(
             self._pipeline_call
