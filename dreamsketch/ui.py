@@ -881,6 +881,10 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
     return page, page_outputs, show
 
 
+# PNG text chunks by which other tools' pictures are known: what they hold instead of A1111 parameters.
+OTHER_TOOLS = {"workflow": "ComfyUI's workflow", "invokeai_metadata": "InvokeAI's metadata"}
+
+
 def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
     """The parameters text of a dropped PNG and its parsed fields; a warning and empty boxes when it has none."""
     if not path:
@@ -888,12 +892,16 @@ def png_info(path: str | None) -> tuple[str, dict[str, Any] | None]:
     try:
         with Image.open(path) as image:
             text = read_parameters(image)
+            other_tool = next((tool for chunk, tool in OTHER_TOOLS.items() if chunk in image.info), None)
     except Image.DecompressionBombError:
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000  # Pillow's refusal of decompression bombs
         gr.Warning(f"This image is too large to read (over {limit} megapixels).")
         return "", None
     except (OSError, ValueError):
         gr.Warning("Not a readable image.")
+        return "", None
+    if text is None and other_tool is not None:
+        gr.Warning(f"This picture holds {other_tool}, not A1111 parameters: DreamSketch cannot read them.")
         return "", None
     if text is None:
         gr.Warning("This picture has no A1111 parameters (a PNG 'parameters' chunk or an EXIF UserComment).")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from dreamsketch.studio import Studio
 from dreamsketch.ui import form_values, png_info
@@ -279,3 +279,13 @@ def test_a_restored_size_is_checked_whole_against_the_model_the_form_will_have(t
     with pytest.warns(UserWarning, match=r"1024x1024 is too large; the model's own size \(64x64\) instead\.$"):
         values = form_values({"width": 1024, "height": 1024, "model_id": "small"}, studio, names, "tiny-demo")
     assert values == ["small", 64, 64]  # the form's size (tiny-demo's) may not fit the model restored either
+
+
+@pytest.mark.parametrize(("chunk", "tool"), [("workflow", "ComfyUI's workflow"), ("invokeai_metadata", "InvokeAI's")])
+def test_png_info_names_the_tool_whose_metadata_a_picture_holds(tmp_path: Path, chunk: str, tool: str) -> None:
+    """A ComfyUI or InvokeAI picture got only "no A1111 parameters", as if it carried nothing."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(chunk, '{"nodes": []}')
+    Image.new("RGB", (8, 8)).save(tmp_path / "other.png", pnginfo=info)
+    with pytest.warns(UserWarning, match=f"^This picture holds {tool}.*, not A1111 parameters"):
+        assert png_info(str(tmp_path / "other.png")) == ("", None)
