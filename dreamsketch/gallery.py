@@ -31,6 +31,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
@@ -47,6 +48,8 @@ INDEX_NAME = "gallery.sqlite3"
 TEMP_PREFIX = ".tmp-"
 ORPHAN_AGE_S = 300.0  # a temporary file this old has lost its writer (a save takes well under a second)
 BUSY_TIMEOUT_S = 30.0
+WAL_RETRY_S = 0.05
+LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 NEGATIVE_LABEL = "Negative prompt:"
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.png")
@@ -577,7 +580,7 @@ class Gallery:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise _UnusableIndex(f"integrity check: {check}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             if _has_table(conn):
                 _check_schema(conn)
 
@@ -621,6 +624,21 @@ class Gallery:
         except BaseException:
             _remove_quietly(self.folder / file_name)
             raise
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """WAL mode. Switching takes an exclusive lock, and SQLite answers "database is locked" at once, without waiting,
+    where waiting could deadlock (this connection reading while another writes: processes making a new index
+    together); so the switch is tried again until the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF not in LOCKED or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
 
 
 def _has_table(conn: sqlite3.Connection) -> bool:

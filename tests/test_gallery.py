@@ -25,6 +25,7 @@ from dreamsketch.gallery import (
     GalleryEntry,
     GalleryError,
     ImageMeta,
+    _use_wal,
     format_parameters,
     meta_from_parameters,
     parse_parameters,
@@ -695,3 +696,19 @@ def test_malformed_exif_reads_as_no_parameters(tmp_path: Path) -> None:
     image().save(tmp_path / "bad.png", exif=b"Exif\0\0hello")  # getexif() raises SyntaxError on it
     with Image.open(tmp_path / "bad.png") as opened:
         assert read_parameters(opened) is None
+
+
+def test_switching_an_index_to_wal_waits_for_a_writer_instead_of_failing(tmp_path: Path) -> None:
+    """Processes making a new index together: one switching it to WAL while another wrote got "database is locked"
+    at once (SQLite does not wait where waiting could deadlock), and its save failed (seen once in a full run)."""
+    writer = sqlite3.connect(tmp_path / "index.sqlite3", isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    threading.Timer(1.0, lambda: writer.execute("COMMIT")).start()
+    reader = sqlite3.connect(tmp_path / "index.sqlite3", timeout=30, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        reader.execute("PRAGMA journal_mode=WAL")  # what the index's opening did
+    _use_wal(reader)
+    assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reader.close()
+    writer.close()
