@@ -37,7 +37,7 @@ class Settings:
     def local_url(self) -> str:
         """The server's address from this machine (listening on every address, 0.0.0.0 or ::, 127.0.0.1 works)."""
         host = "127.0.0.1" if self.server_name in ("0.0.0.0", "::") else self.server_name
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_port}"
+        return http_url(host, self.server_port)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -62,6 +62,11 @@ class Settings:
             server_port=_positive_int(env, "GRADIO_SERVER_PORT", cls.server_port, highest=65535),
             inference_api_url=env.get("DREAMSKETCH_INFERENCE_API_URL"),
         )
+
+
+def http_url(host: str, port: int) -> str:
+    """http://host:port, an IPv6 address in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _load_dotenv(path: Path) -> None:

@@ -24,7 +24,7 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dreamsketch.api import basic_auth_ok, create_app, error_reply
-from dreamsketch.config import Settings, SettingsError
+from dreamsketch.config import Settings, SettingsError, http_url
 from dreamsketch.gallery import Gallery
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.studio import Studio
@@ -134,7 +134,7 @@ def call_mcp_tools_here(demo: gr.Blocks, auth: tuple[str, str] | None) -> None:
             request = mcp.mcp_server.request_context.request
             if mcp._client_instance is None and request is not None:
                 host, port = request.scope["server"]
-                mcp._local_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+                mcp._local_url = http_url(host, port)
             original = gradio.mcp.Client
             if auth:
                 gradio.mcp.Client = functools.partial(Client, auth=auth)  # type: ignore[misc]
