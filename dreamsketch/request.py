@@ -28,6 +28,7 @@ MAX_AREA_FACTOR = 4
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+UNREADABLE_IMAGE = "not a readable PNG, JPEG or WebP image"
 PIL_FORMATS = (*IMAGE_FORMATS, "MPO")  # Pillow names a phone's JPEG with more pictures in it (MPF) MPO
 SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L")  # Pillow's modes for a 16-bit greyscale PNG
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -223,7 +224,7 @@ def check_image(value: Any) -> Image.Image:
         try:
             value.load()
         except OSError:
-            raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
+            raise RequestError("image", UNREADABLE_IMAGE) from None
         return _as_shown(value)
     if not isinstance(value, bytes | bytearray):
         raise RequestError("image", "must be a PNG, JPEG or WebP file")
@@ -241,7 +242,7 @@ def check_image(value: Any) -> Image.Image:
     except Image.DecompressionBombError:
         raise RequestError("image", f"at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
     except (OSError, SyntaxError, ValueError):
-        raise RequestError("image", "not a readable PNG, JPEG or WebP image") from None
+        raise RequestError("image", UNREADABLE_IMAGE) from None
 
 
 def decode_image(value: Any) -> bytes:
