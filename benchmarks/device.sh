@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
-# first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5 (it also
-# fills the compile cache); the CUDA tests (fast path, step pacing, noise copy); where a compiled SD 1.5 request's
-# time goes (request_phases) and its experiments; gpu_pipeline for SDXL (plain diffusers and the fast path);
-# request_phases for SDXL with CUDA graphs; the fast path's first call in a fresh process with the compile cache
-# warm (SD 1.5, then SDXL), with an experiment between them: SD 1.5's blocks compiled ahead by worker processes
-# (precompile). About 11 minutes on an H100 (estimated from the 2026-11-26 runs).
+# first, so that a call cut short by its time limit still leaves whole figures. The targets still open come first:
+# gpu_pipeline for SD 1.5 (it also fills the compile cache), the fast path's first call in a fresh process with that
+# cache warm, the CUDA tests (fast path, step pacing, noise copy), an experiment for the cold first call (SD 1.5's
+# blocks compiled ahead by worker processes: precompile), where a compiled SD 1.5 request's time goes
+# (request_phases, Euler a with its experiments, then PNDM); then SDXL, whose targets were met on 2026-11-26:
+# gpu_pipeline (plain diffusers and the fast path), request_phases with CUDA graphs, the warm first call.
+# About 11 minutes on an H100 (estimated from the 2026-11-26 runs).
 # Arguments go to the benchmarks: --runs N, --compile-backend B, --small. The outputs are written to $WORK and
 # packed into $OUT/results.tar.gz after every step (the device tool brings back at most 8 files from $OUT).
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
@@ -46,12 +47,20 @@ step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log
 # no step of Euler a, PNDM or DDIM waits for the GPU any more)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
+# with torch's compile log: what the warm restart spends its 16.6 s (2026-11-26) on, against the 15 s target
+step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
+    --first-call "$@"
 if wanted cuda_tests; then
     echo "== cuda_tests $(date -u +%T)" | tee -a "$WORK/log.txt"
     python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_engine.py -k cuda 2>&1 | tail -30 \
         | tee "$WORK/cuda_tests.txt"
     pack
 fi
+# an experiment for the cold first call (99 s on 2026-11-26, target under 60 s): the UNet's distinct blocks compiled
+# by 4 worker processes at once into an empty cache, then the fast path's first call from it
+small=()
+[[ " $* " == *" --small "* ]] && small=(--small)
+step precompile_sd15 python3 -m benchmarks.precompile --workers 4 "${small[@]}"
 # the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
 # GPU's idle time, 36 ms on 2026-11-26), then whether a VAE out of channels_last is faster (cuDNN's timed
 # convolution algorithms, cuDNN's attention and a compiled VAE decoder were measured on 2026-11-26: see RESULTS.md)
@@ -66,12 +75,4 @@ step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants
 # 1024x1024 0.2 s of it, 86 ms of that copies between memory formats), then the VAE out of channels_last
 step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 \
     --contiguous-vae "$@"
-# with torch's compile log: what the warm restart spends its 16.6 s (2026-11-26) on, against the 15 s target
-step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
-    --first-call "$@"
-# an experiment for the cold first call (99 s on 2026-11-26, target under 60 s): the UNet's distinct blocks compiled
-# by 4 worker processes at once into an empty cache, then the fast path's first call from it
-small=()
-[[ " $* " == *" --small "* ]] && small=(--small)
-step precompile_sd15 python3 -m benchmarks.precompile --workers 4 "${small[@]}"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"
