@@ -25,7 +25,8 @@ train-tiny: $(VENV)/.installed
 # The wheels that the lent GPU machine (Python 3.12, torch, transformers) lacks, for benchmarks/device.sh.
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 python-dotenv==1.2.4 importlib_metadata==8.7.0
+		--platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 python-dotenv==1.2.4 importlib_metadata==8.7.0 \
+		torchsde==0.2.6 trampoline==0.1.2
 
 # Without an NVIDIA GPU, install the CPU build of torch first so pip does not fetch the CUDA one.
 $(VENV)/.torch:

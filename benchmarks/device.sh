@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
 # first, so that a call cut short by its time limit still leaves whole figures. The targets still open come first:
-# gpu_pipeline for SD 1.5 (it also fills the compile cache), the fast path's first call in a fresh process with that
-# cache warm, the CUDA tests (fast path, step pacing, noise copy), an experiment for the cold first call (SD 1.5's
-# blocks compiled ahead by worker processes: precompile), where a compiled SD 1.5 request's time goes
-# (request_phases, Euler a with its experiments, then PNDM); then SDXL, whose targets were met on 2026-11-26:
-# gpu_pipeline (plain diffusers and the fast path), request_phases with CUDA graphs, the warm first call.
-# About 11 minutes on an H100 (estimated from the 2026-11-26 runs).
+# gpu_pipeline for SD 1.5 (it also fills the compile cache); where a compiled SD 1.5 request's time goes
+# (request_phases) with the VAE experiments that could bring it under 0.3 s; the fast path's first call in a fresh
+# process with that cache warm; the CUDA tests (fast path, step pacing, noise copy); an experiment for the cold
+# first call (SD 1.5's blocks compiled ahead by worker processes: precompile); request_phases with PNDM; then SDXL,
+# whose targets were met on 2026-11-26: gpu_pipeline (plain diffusers and the fast path), request_phases with CUDA
+# graphs, the warm first call.
+# The whole script takes far longer than one call: on 2026-11-27 (an H100 with a slow host) gpu_pipeline for SD 1.5
+# took 4.7 min, the warm first call 1.0 min, the CUDA tests 2.2 min, precompile more than 2.7 min. Run it unpiped:
+# a pipe (grep, tail) holds back the last lines, and the reply's tail then hides which steps finished.
 # Arguments go to the benchmarks: --runs N, --compile-backend B, --small. The outputs are written to $WORK and
 # packed into $OUT/results.tar.gz after every step (the device tool brings back at most 8 files from $OUT).
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
@@ -22,9 +25,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WOR
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
     | tee -a "$WORK/gpu.txt"
 
-pack() {  # everything measured so far, in one file that replaces the last one whole
-    tar -czf "$OUT/results.tar.gz.part" -C "$WORK" . && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+pack() {  # everything measured so far, in one file that replaces the last one whole (tar's status 1: a file changed)
+    local part="$OUT/results.tar.gz.$BASHPID"
+    tar --warning=no-file-changed -czf "$part" -C "$WORK" .
+    (($? <= 1)) && mv "$part" "$OUT/results.tar.gz"
 }
+# also every 30 s, so that a step cut short by the call's time limit still leaves its log so far
+(while sleep 30; do pack; done) &
+packer=$!
+trap 'kill "$packer"' EXIT
 
 FROM=${FROM:-}
 wanted() {  # wanted NAME: whether step NAME runs (FROM is empty, or names this step or one before it)
@@ -41,13 +50,19 @@ step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log
     pack
 }
 
-# torch's compile steps with their times (tracing, inductor), to split the first call's compilation up (each block
-# class was analysed twice before floats became constants: about 5 s of the 99 s on 2026-11-26); the default
-# engine and CUDA graphs alone too (changed since the second GPU run: the host stays one step ahead of the GPU, and
-# no step of Euler a, PNDM or DDIM waits for the GPU any more)
+# plain diffusers, the default engine, CUDA graphs alone and the fast path, with torch's compile steps and their
+# times (tracing, inductor), to split the cold first call's compilation up (145.6 s of 155.4 s on 2026-11-27)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
-# with torch's compile log: what the warm restart spends its 16.6 s (2026-11-26) on, against the 15 s target
+# the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
+# GPU's idle time, 36 ms on 2026-11-26), then the VAE decode, the only part left that can bring the request under
+# 0.3 s (313 ms on 2026-11-27, 63 ms of it outside the UNet): out of channels_last (eager GroupNorm copies
+# channels_last tensors: 10.7 ms of its 38.9 ms on 2026-11-26), then also compiled (21 ms on 2026-11-26, 32 s more
+# cold compilation; cuDNN's timed convolution algorithms and attention gained nothing then: see RESULTS.md)
+step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
+    --contiguous-vae --compile-vae "$@"
+# with torch's compile log: what the warm restart spends its time on (16.6 s on 2026-11-26, 19.5 s on 2026-11-27
+# with a slow host; target 15 s)
 step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --first-call "$@"
 if wanted cuda_tests; then
@@ -61,11 +76,6 @@ fi
 small=()
 [[ " $* " == *" --small "* ]] && small=(--small)
 step precompile_sd15 python3 -m benchmarks.precompile --workers 4 "${small[@]}"
-# the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
-# GPU's idle time, 36 ms on 2026-11-26), then whether a VAE out of channels_last is faster (cuDNN's timed
-# convolution algorithms, cuDNN's attention and a compiled VAE decoder were measured on 2026-11-26: see RESULTS.md)
-step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --contiguous-vae "$@"
 # SD 1.5's own scheduler, PNDM, read each step's timestep back from the GPU until its steps got it from a host
 # copy of the schedule: the GPU's idle time in its request (device_busy_ms against request_ms)
 step request_phases_sd15_pndm python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 5 \
