@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dreamsketch import zerogpu
 from dreamsketch.api import basic_auth_ok, create_app, error_reply
 from dreamsketch.config import Settings, SettingsError, http_url
 from dreamsketch.gallery import Gallery
@@ -157,7 +158,11 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     if settings.auth:
         log.info("sign-in required (DREAMSKETCH_AUTH)")
     print(f"DreamSketch on {settings.local_url} (MCP: {settings.local_url}/gradio_api/mcp/)", flush=True)
-    threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
+    if zerogpu.on_zero_gpu():  # ZeroGPU's start-up hands the weights loaded before it to its workers
+        preload_default(studio)
+        zerogpu.start_up()
+    else:
+        threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
     # Open streams (a browser tab's heartbeat, the MCP server's connection to this app) never close by themselves:
     # without a limit, Ctrl-C or SIGTERM waited for them forever.
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

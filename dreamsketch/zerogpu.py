@@ -40,6 +40,15 @@ def on_zero_gpu() -> bool:
     return bool(os.environ.get("SPACES_ZERO_GPU"))
 
 
+def start_up() -> None:
+    """ZeroGPU's start-up, which Gradio's `Blocks.launch` runs and DreamSketch's own server does not call: it packs
+    the weights loaded so far for the workers, which take them from there at each lease, and tells ZeroGPU that the
+    Space has started."""
+    import spaces  # present on Spaces only
+
+    spaces.zero.startup()
+
+
 def lease_seconds(request: GenerationRequest) -> int:
     """The GPU time to ask ZeroGPU for: loading and warming up, then the steps at the request's size and batch."""
     megapixels = request.width * request.height / 1_000_000

@@ -3,8 +3,11 @@ runs in a forked worker process, and its arguments and everything it yields cros
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import pickle
+import socket
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ import pytest
 from dreamsketch.engine import GenerationCancelled, LocalEngine
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.registry import load_registry
+from dreamsketch.server import StudioServer, create_server, serve
 from dreamsketch.studio import Studio
 from dreamsketch.zerogpu import ZeroGpuEngine, lease_seconds
 
@@ -108,3 +112,21 @@ def test_a_model_loads_in_the_main_process_before_the_worker_is_forked(zero_gpu,
     studio = Studio(settings)
     studio.generate(studio.parse({"prompt": "x", "steps": 2, "model_id": "tiny-folder"}, "txt2img"))
     assert studio.engine.loaded_ids() == ["tiny-folder"]
+
+
+def test_serving_runs_zero_gpus_start_up_once_the_default_model_has_loaded(zero_gpu, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """spaces' start-up (it packs the weights loaded so far for the workers and reports the Space started) runs from
+    Gradio's Blocks.launch, which DreamSketch's own server never calls: it never ran."""
+    studio = Studio(dataclasses.replace(settings, server_port=0))
+    app, _demo = create_server(studio)
+    seen: list[tuple[str, list[str]]] = []
+    start_up = types.SimpleNamespace(startup=lambda: seen.append(("start-up", studio.engine.loaded_ids())))
+    monkeypatch.setattr(sys.modules["spaces"], "zero", start_up, raising=False)
+
+    def run(server: StudioServer, sockets: list[socket.socket]) -> None:
+        seen.append(("serving", studio.engine.loaded_ids()))
+        sockets[0].close()
+
+    monkeypatch.setattr(StudioServer, "run", run)
+    serve(studio, app)
+    assert seen == [("start-up", ["tiny-demo"]), ("serving", ["tiny-demo"])]
