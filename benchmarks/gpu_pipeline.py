@@ -275,9 +275,10 @@ def timed(run: Callable[[], Any], cuda: bool) -> float:
 def concurrent_throughput(
     call: Callable[[int], Any], clients: int, cuda: bool, timer: UnetTimer, steps: int
 ) -> dict[str, Any]:
-    """Images per second when `clients` requests arrive at once (after one untimed round: compiles, warm-up), and
-    how the engine split the timed round into pipeline calls (requests per call: a UNet call with CFG holds two
-    rows per request, and a pipeline call makes `steps` UNet calls)."""
+    """Images per second when `clients` requests arrive at once (after one untimed round: compiles, warm-up), how
+    the engine split the timed round into pipeline calls (requests per call: a UNet call with CFG holds two rows per
+    request, and a pipeline call makes `steps` UNet calls), and the peak GPU memory of both rounds (CUDA graphs
+    keep the memory of each batch size they captured)."""
 
     def round_of_requests() -> None:
         arrival = threading.Barrier(clients)  # all requests arrive together, not as their threads happen to start
@@ -289,6 +290,8 @@ def concurrent_throughput(
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(arrive, range(clients)))  # a failed request fails the benchmark
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     round_of_requests()
     timer.take()
     timer.batch_sizes = []
@@ -296,6 +299,7 @@ def concurrent_throughput(
     return {
         "images_per_s": round(clients / seconds, 3),
         "batches": [rows // 2 for rows in timer.batch_sizes[::steps]],
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
     }
 
 
