@@ -5,8 +5,8 @@
 # (request_phases) with the VAE experiments that could bring it under 0.3 s; the fast path's first call in a fresh
 # process with that cache warm; the CUDA tests (fast path, step pacing, noise copy); an experiment for the cold
 # first call (SD 1.5's blocks compiled ahead by worker processes: precompile); request_phases with PNDM; then SDXL,
-# whose targets were met on 2026-11-26: gpu_pipeline (plain diffusers and the fast path), request_phases with CUDA
-# graphs, the warm first call.
+# whose targets were met on 2026-11-26: gpu_pipeline (plain diffusers, the default engine, the compiled fast path),
+# request_phases of the default engine, the warm first call.
 # The whole script takes far longer than one call: on 2026-11-27 (an H100 with a slow host) gpu_pipeline for SD 1.5
 # took 4.7 min, the warm first call 1.0 min, the CUDA tests 2.2 min, precompile more than 2.7 min. Run it unpiped:
 # a pipe (grep, tail) holds back the last lines, and the reply's tail then hides which steps finished.
@@ -50,10 +50,10 @@ step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log
     pack
 }
 
-# plain diffusers, the default engine, CUDA graphs alone and the fast path, with torch's compile steps and their
-# times (tracing, inductor), to split the cold first call's compilation up (145.6 s of 155.4 s on 2026-11-27)
-step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
-    --variants dreamsketch dreamsketch_graphs dreamsketch_compile "$@"
+# plain diffusers, the default engine (on CUDA the fast path without compilation since 2026-11-27: what earlier
+# runs called dreamsketch_graphs) and the compiled fast path, with torch's compile steps and their times (tracing,
+# inductor), to split the cold first call's compilation up (145.6 s of 155.4 s on 2026-11-27)
+step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
 # the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
 # GPU's idle time, 36 ms on 2026-11-26), then the VAE decode, the only part left that can bring the request under
 # 0.3 s (313 ms on 2026-11-27, 63 ms of it outside the UNet): out of channels_last (eager GroupNorm copies
@@ -80,9 +80,9 @@ step precompile_sd15 python3 -m benchmarks.precompile --workers 4 "${small[@]}"
 # copy of the schedule: the GPU's idle time in its request (device_busy_ms against request_ms)
 step request_phases_sd15_pndm python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 5 \
     --scheduler PNDM "$@"
-step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --variants dreamsketch_compile "$@"
+step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 # SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
 # 1024x1024 0.2 s of it, 86 ms of that copies between memory formats), then the VAE out of channels_last
-step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant graphs --profile 30 \
+step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant default --profile 30 \
     --contiguous-vae "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"

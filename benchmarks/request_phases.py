@@ -7,7 +7,7 @@ request time; the request time without those synchronisations is reported beside
 (or SDXL at 1024x1024) with random weights, 30 steps, CFG 7.5, Euler a (`--scheduler` another), as in gpu_pipeline.
 Prints one JSON document.
 
-    python -m benchmarks.request_phases                   # on a CUDA GPU, the fast path without torch.compile
+    python -m benchmarks.request_phases                   # on a CUDA GPU, the default engine (no torch.compile)
     python -m benchmarks.request_phases --variant compile # the whole fast path (compiles first: minutes)
     python -m benchmarks.request_phases --small           # tiny model on the CPU: checks the benchmark itself
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU, to check the benchmark")
     parser.add_argument("--only", choices=["sd15", "sdxl"], default="sd15")
-    parser.add_argument("--variant", choices=["default", "graphs", "compile"], default="graphs")
+    parser.add_argument("--variant", choices=["default", "compile"], default="default")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="Euler a")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the fast path")
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     case = next(case for case in cases(args.small) if case.family == args.only)
     pipe = build_pipeline(case, device, dtype)
-    variant = None if args.variant == "default" else args.variant
-    call = engine_caller(engine_for(case, pipe, variant, device, args.compile_backend), case, args.scheduler)
+    call = engine_caller(engine_for(case, pipe, args.variant, device, args.compile_backend), case, args.scheduler)
     report = {
         "benchmark": "request_phases",
         "device": torch.cuda.get_device_name() if cuda else "cpu",

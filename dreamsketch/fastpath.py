@@ -1,4 +1,5 @@
-"""DREAMSKETCH_COMPILE=1: the fast path. Same pictures as the plain path, up to fp16 noise.
+"""The fast path: on CUDA by default, with its compiled blocks where DREAMSKETCH_COMPILE=1 (also on other devices).
+Same pictures as the plain path, up to fp16 noise.
 
 - channels_last memory and fused QKV projections;
 - regional compilation: torch.compile on the UNet's repeated blocks (resnets and transformer blocks) rather
@@ -44,16 +45,18 @@ def configure_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
 
 
-def apply_fast_path(pipe: Any, backend: str | None = "inductor") -> Any:
+def apply_fast_path(pipe: Any, backend: str | None = "inductor", graphs: bool | None = None) -> Any:
     """Make a loaded txt2img pipeline fast in place (img2img shares its modules, so it is fast too).
 
-    `backend` is torch.compile's (None: no compilation); tests on the CPU use "aot_eager"."""
+    `backend` is torch.compile's (None: no compilation); tests on the CPU use "aot_eager". `graphs`: whether the
+    GRAPHED models' calls replay CUDA graphs (None: on CUDA)."""
     convert_layout(pipe)
     if backend is not None:
         compile_regions(pipe.unet, backend)
         pipe.unet.forward = with_batch_of_two_at_least(pipe.unet.forward)
         pipe.unet.forward = with_sides_of_one_eager(pipe.unet.forward, count_halvings(pipe.unet))
-    graphs = pipe.device.type == "cuda"
+    if graphs is None:
+        graphs = pipe.device.type == "cuda"
     if graphs:
         replay_as_graphs(pipe)
     log.info("fast path on: channels_last, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)

@@ -292,9 +292,10 @@ class PipelineCache:
         self.registry = registry
         self.max_loaded = settings.max_loaded
         self.hf_token = settings.hf_token
-        self.compile = settings.compile
+        self.compile = settings.compile  # the fast path with its compiled blocks (DREAMSKETCH_COMPILE=1)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.graphs = self.device.type == "cuda"  # the fast path's CUDA graphs, compiled or not
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
 
     def get(self, model_id: str) -> LoadedModel:
@@ -334,9 +335,9 @@ class PipelineCache:
         self.make_room()
         txt2img = txt2img.to(self.device)
         txt2img.set_progress_bar_config(disable=True)
-        if self.compile:
-            apply_fast_path(txt2img)
-            warm_up(txt2img, spec.width, spec.height)
+        if self.compile or self.graphs:  # without compilation too: a CUDA graph replays a step's launches at once
+            apply_fast_path(txt2img, "inductor" if self.compile else None, self.graphs)
+            warm_up(txt2img, spec.width, spec.height)  # compiles and captures the native size
         img2img = img2img_class.from_pipe(txt2img, dtype=self.dtype)
         img2img.set_progress_bar_config(disable=True)
         return LoadedModel(spec, txt2img, img2img, txt2img.scheduler)

@@ -76,6 +76,9 @@ class ZeroGpuEngine(LocalEngine):
         import spaces  # present on Spaces only; before the device is chosen (it makes CUDA look present)
 
         super().__init__(settings, registry)
+        if self.cache.compile:
+            log.warning("DREAMSKETCH_COMPILE=1 is ignored on ZeroGPU: each call runs in a new worker process")
+        self.cache.compile = self.cache.graphs = False  # a worker's captures and compiled code would die with it
         self._lease = threading.Lock()  # one call at a time: ZeroGPU's queue is per call, the Space's own is this
         self._on_gpu: Callable[[GenerationRequest], Iterator[Relayed]] = spaces.GPU(duration=lease_seconds)(
             self._pipeline_call

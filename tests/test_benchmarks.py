@@ -90,7 +90,7 @@ def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request
     assert request_phases.main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
-    assert report["variant"] == "graphs" and report["model"] == "tiny-sd15_128"
+    assert report["variant"] == "default" and report["model"] == "tiny-sd15_128"
     assert report["phase_calls"] == {
         "encode_prompt": 1,
         "unet": 4,  # tiny-demo's 4 steps, one UNet call each (CFG batched)
@@ -104,11 +104,11 @@ def test_request_phases_small_form_times_each_phase(capsys, monkeypatch, request
     assert report["device_busy_ms"] == 0  # kernels and copies on a device: none on the CPU
     parts = [json.loads(line) for line in captured.err.splitlines() if line.startswith('{"model"')]
     assert [part["variant"] for part in parts] == [
-        "graphs",
-        "graphs + cudnn_benchmark",
-        "graphs + cudnn_attention",
-        "graphs + vae_contiguous",
-        "graphs + vae_compiled",
+        "default",
+        "default + cudnn_benchmark",
+        "default + cudnn_attention",
+        "default + vae_contiguous",
+        "default + vae_compiled",
     ]  # each part as it finishes, for a run cut short
     assert parts[0]["phases_ms"] == report["phases_ms"]
     for experiment in ("cudnn_benchmark", "cudnn_attention"):  # no cuDNN on the CPU: the same computation

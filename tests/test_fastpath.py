@@ -132,9 +132,9 @@ def test_compile_setting_applies_the_fast_path_and_warms_up_at_load(settings, mo
     calls = []
     original = dreamsketch.fastpath.apply_fast_path
 
-    def traced(pipe, backend="inductor"):
-        calls.append(backend)
-        return original(pipe, backend="aot_eager")
+    def traced(pipe, backend, graphs):
+        calls.append((backend, graphs))
+        return original(pipe, backend="aot_eager", graphs=graphs)
 
     monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", traced)
     engine = LocalEngine(dataclasses.replace(settings, compile=True), load_registry(settings.models_file))
@@ -142,7 +142,7 @@ def test_compile_setting_applies_the_fast_path_and_warms_up_at_load(settings, mo
     request = parse_request({"prompt": "fox", "seed": 3, "steps": 3}, plain.cache.registry, "txt2img", "tiny-demo")
     fast_image = np.asarray(engine.generate(request).images[0], dtype=np.int16)
     plain_image = np.asarray(plain.generate(request).images[0], dtype=np.int16)
-    assert calls == ["inductor"]
+    assert calls == [("inductor", False)]  # CUDA graphs on CUDA only
     assert np.abs(fast_image - plain_image).max() <= 1
 
 
@@ -152,7 +152,9 @@ def test_after_the_warm_up_the_requests_people_make_compile_nothing(settings, mo
     engine's inference mode, so the warm-up has to compile in it too: it compiled under no_grad, and the first
     request compiled every graph again."""
     original = dreamsketch.fastpath.apply_fast_path
-    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe: original(pipe, backend="aot_eager"))
+    monkeypatch.setattr(
+        "dreamsketch.pipelines.apply_fast_path", lambda pipe, backend, graphs: original(pipe, "aot_eager", graphs)
+    )
     torch._dynamo.reset()
     engine = LocalEngine(dataclasses.replace(settings, compile=True), load_registry(settings.models_file))
     engine.preload("tiny-demo")  # compiles while warming up at the native size, 128x128
@@ -238,6 +240,31 @@ def test_the_simulated_capture_refuses_what_a_cuda_graph_cannot_hold(cpu_graphs)
     for forward in (reads_a_value, makes_a_tensor_from_python_data, picks_by_value):
         with pytest.raises(AssertionError, match="cannot be captured in a CUDA graph"):
             CudaGraphs(forward, "stand-in")(torch.ones(2))
+
+
+def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(cpu_graphs, settings):
+    """Without DREAMSKETCH_COMPILE the fast path runs on CUDA too, without compilation: channels_last, fused QKV and
+    CUDA graphs (captured here on the CPU as the cpu_graphs fixture simulates them), the native size at load."""
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    assert not engine.cache.graphs  # on the CPU
+    engine.cache.graphs = True  # as on CUDA
+    plain = LocalEngine(settings, load_registry(settings.models_file))
+    unet = engine.cache.get("tiny-demo").txt2img.unet
+    assert isinstance(unet.forward, CudaGraphs) and len(unet.forward.graphs) == 1  # the warm-up's, 128x128
+    assert isinstance(engine.cache.get("tiny-demo").txt2img.text_encoder.forward, CudaGraphs)
+    source = io.BytesIO()
+    Image.new("RGB", (96, 160), (200, 40, 40)).save(source, format="PNG")
+    for mode, fields in [
+        ("txt2img", {}),
+        ("txt2img", {"width": 192, "height": 128, "batch_size": 2}),
+        ("txt2img", {"guidance_scale": 1.0}),
+        ("img2img", {"image": source.getvalue(), "strength": 0.5, "width": 96, "height": 160}),
+    ]:
+        fields = {"prompt": "fox", "steps": 3, "seed": 5, **fields}
+        request = parse_request(fields, plain.cache.registry, mode, "tiny-demo")
+        for made, expected in zip(engine.generate(request).images, plain.generate(request).images, strict=True):
+            assert np.abs(np.asarray(made, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert len(unet.forward.graphs) == 4  # and one per new UNet batch and latent size: 4x16x24, 1x16x16, 2x20x12
 
 
 def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(cpu_graphs):

@@ -281,7 +281,7 @@ def test_a_load_that_fails_on_the_device_leaves_no_entry_and_frees_its_pipeline(
         seen.append(weakref.ref(pipe))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe: None)
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe, backend, graphs: None)
     monkeypatch.setattr("dreamsketch.pipelines.warm_up", lambda pipe, width, height: None)
     engine = LocalEngine(dataclasses.replace(settings, compile=True), load_registry(settings.models_file))
     engine.preload("tiny-demo")

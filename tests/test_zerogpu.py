@@ -130,3 +130,11 @@ def test_serving_runs_zero_gpus_start_up_once_the_default_model_has_loaded(zero_
     monkeypatch.setattr(StudioServer, "run", run)
     serve(studio, app)
     assert seen == [("start-up", ["tiny-demo"]), ("serving", ["tiny-demo"])]
+
+
+def test_no_fast_path_on_zero_gpu(zero_gpu, settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Its CUDA graphs and compiled code would be made again in every call's new worker process, and the main
+    process, where models load and warm up, has no GPU there."""
+    studio = Studio(dataclasses.replace(settings, compile=True))
+    assert not studio.engine.cache.graphs and not studio.engine.cache.compile
+    assert "DREAMSKETCH_COMPILE=1 is ignored on ZeroGPU" in caplog.text
