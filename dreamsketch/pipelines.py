@@ -333,7 +333,7 @@ class PipelineCache:
         txt2img = self._load_txt2img(spec, txt2img_class)
         check_family(spec, txt2img)
         self.make_room()
-        txt2img = txt2img.to(self.device)
+        txt2img = txt2img.to(self.device, silence_dtype_warnings=True)  # fp16 runs on a CPU: it says it will fail
         txt2img.set_progress_bar_config(disable=True)
         if self.compile or self.graphs:  # without compilation too: a CUDA graph replays a step's launches at once
             apply_fast_path(txt2img, "inductor" if self.compile else None, self.graphs)

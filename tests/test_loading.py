@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 import weakref
 
@@ -385,6 +386,22 @@ def test_sdxl_without_a_negative_prompt_gives_plain_diffusers_picture(settings, 
     assert batch_key(parse_request({"prompt": "a"}, engine.cache.registry, "txt2img", "tiny-xl")) != batch_key(
         parse_request({"prompt": "a", "negative_prompt": "b"}, engine.cache.registry, "txt2img", "tiny-xl")
     )
+
+
+def test_fp16_on_the_cpu_loads_without_diffusers_saying_it_will_fail(settings):
+    """DREAMSKETCH_DTYPE=fp16 on the CPU works, and diffusers printed three times per load that it would fail."""
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addHandler(handler)
+    try:
+        engine = LocalEngine(dataclasses.replace(settings, dtype="fp16"), load_registry(settings.models_file))
+        assert generate(engine, "tiny-demo").std() > 0
+    finally:
+        logger.removeHandler(handler)
+    assert engine.cache.get("tiny-demo").txt2img.unet.dtype == torch.float16
+    assert not [message for message in said if "cannot run with `cpu` device" in message]
 
 
 def test_sdxl_vae_that_asks_for_upcast_decodes_in_fp32_straight_away(settings, tmp_path):
