@@ -242,8 +242,7 @@ def unet_flops(pipe: Any, case: Case, device: torch.device, dtype: torch.dtype) 
 def measure(run: Callable[[], Any], timer: UnetTimer, runs: int, cuda: bool) -> dict[str, Any]:
     first = timed(run, cuda)
     timer.take()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_memory_peaks(cuda)
     latencies, unet_ms = [], []
     for _ in range(runs):
         latencies.append(timed(run, cuda))
@@ -253,7 +252,22 @@ def measure(run: Callable[[], Any], timer: UnetTimer, runs: int, cuda: bool) -> 
         "latency_p50_s": round(statistics.median(latencies), 4),
         "latency_all_s": [round(x, 4) for x in latencies],
         "unet_ms_per_step": round(statistics.median(unet_ms), 3),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        **memory_peaks(cuda),
+    }
+
+
+def reset_memory_peaks(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.empty_cache()  # what is reserved from now on, the CUDA graphs' pools included
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_peaks(cuda: bool) -> dict[str, float | None]:
+    """GPU memory in tensors at most, and held by torch at most (CUDA graphs keep their pools reserved)."""
+    gb = 1e9
+    return {
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / gb, 2) if cuda else None,
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / gb, 2) if cuda else None,
     }
 
 
@@ -277,7 +291,7 @@ def concurrent_throughput(
     """Images per second when `clients` requests arrive at once (after one untimed round: compiles, warm-up), how
     the engine split the timed round into pipeline calls (requests per call: a UNet call with CFG holds two rows per
     request, and a pipeline call makes `steps` UNet calls), and the peak GPU memory of both rounds (CUDA graphs
-    keep the memory of each batch size they captured)."""
+    keep the memory of the largest batch they captured reserved)."""
 
     def round_of_requests() -> None:
         arrival = threading.Barrier(clients)  # all requests arrive together, not as their threads happen to start
@@ -289,8 +303,7 @@ def concurrent_throughput(
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(arrive, range(clients)))  # a failed request fails the benchmark
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_memory_peaks(cuda)
     round_of_requests()
     timer.take()
     timer.batch_sizes = []
@@ -298,7 +311,7 @@ def concurrent_throughput(
     return {
         "images_per_s": round(clients / seconds, 3),
         "batches": [rows // 2 for rows in timer.batch_sizes[::steps]],
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        **memory_peaks(cuda),
     }
 
 

@@ -44,7 +44,7 @@ from benchmarks.gpu_pipeline import (
     prepare,
     timed,
 )
-from dreamsketch.fastpath import CudaGraphs, compile_regions, graphed_models
+from dreamsketch.fastpath import compile_regions, drop_graphs
 from dreamsketch.schedulers import SCHEDULERS
 
 PHASES = ("encode_prompt", "unet", "scheduler_step", "vae_decode", "to_pictures")
@@ -137,7 +137,7 @@ def experiment(pipe: Any, call: Callable[[], Any], runs: int, cuda: bool, change
 def use_cudnn_benchmark(pipe: Any) -> None:
     """cuDNN picks each convolution's algorithm by timing the candidates at the first call of a shape."""
     torch.backends.cudnn.benchmark = True
-    capture_again(pipe)
+    drop_graphs(pipe)
 
 
 def prefer_cudnn_attention(pipe: Any) -> None:
@@ -146,7 +146,7 @@ def prefer_cudnn_attention(pipe: Any) -> None:
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     torch._C._set_sdp_priority_order([int(backend) for backend in order])
     torch._dynamo.reset()
-    capture_again(pipe)
+    drop_graphs(pipe)
 
 
 def use_contiguous_vae(pipe: Any) -> None:
@@ -154,16 +154,6 @@ def use_contiguous_vae(pipe: Any) -> None:
     and eager GroupNorm copies each channels_last tensor into that format (64 copies, 86 ms of SDXL's 200 ms
     decode on the H100 on 2026-11-26)."""
     pipe.vae.to(memory_format=torch.contiguous_format)
-
-
-def capture_again(pipe: Any) -> None:
-    """Drop the CUDA graphs captured so far: the next call of each shape captures what runs now, in a memory pool
-    of its own (capturing into the pool of dropped graphs failed an internal assertion of torch 2.11's caching
-    allocator on the H100, and the text encoders then ran eagerly)."""
-    for model in graphed_models(pipe):
-        if isinstance(model.forward, CudaGraphs):
-            model.forward.graphs.clear()
-            model.forward.pool = torch.cuda.graph_pool_handle()
 
 
 def profile(call: Callable[[], Any], rows: int) -> tuple[str, float]:

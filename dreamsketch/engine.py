@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dreamsketch.config import Settings
-from dreamsketch.pipelines import USABLE_NOW, LoadedModel, PipelineCache, free_memory, weights_state
+from dreamsketch.pipelines import USABLE_NOW, LoadedModel, PipelineCache, weights_state
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import GenerationRequest
 from dreamsketch.schedulers import prepare_for_call, scheduler_name
@@ -263,7 +263,7 @@ class LocalEngine:
         try:
             self._run(self.cache.get(request.model_id), jobs)
         except torch.cuda.OutOfMemoryError:
-            free_memory()
+            self.cache.free_memory()
             if len(jobs) > 1:  # merged here, not asked for together: each request alone may fit
                 for job in jobs:
                     if not job.done.is_set():

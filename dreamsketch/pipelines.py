@@ -30,7 +30,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from dreamsketch.config import Settings, SettingsError
-from dreamsketch.fastpath import apply_fast_path, warm_up
+from dreamsketch.fastpath import apply_fast_path, drop_graphs, warm_up
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
 from dreamsketch.schedulers import make_scheduler
 from dreamsketch.tiny import build_tiny_pipeline
@@ -308,6 +308,11 @@ class PipelineCache:
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)  # so that free_memory frees a half-placed pipeline now
             free_memory()
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise ModelUnavailableError(
+                    f"Model '{model_id}' does not fit in the GPU's free memory; free the GPU of other work, or pick"
+                    " a smaller model."
+                ) from None
             raise
         self.loaded[model_id] = model
         log.info("loaded %s in %.1f s", model_id, time.perf_counter() - start)
@@ -321,6 +326,13 @@ class PipelineCache:
         self.loaded.pop(model_id, None)
         free_memory()
         log.info("unloaded %s", model_id)
+
+    def free_memory(self) -> None:
+        """After running out of GPU memory: the loaded models' CUDA graphs go too (each keeps the memory of the
+        largest shape it captured); their shapes are captured again at their next call."""
+        for model in self.loaded.values():
+            drop_graphs(model.txt2img)
+        free_memory()
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         """Loaded models make room only for a model that loads: not before its weights are found, read into host
@@ -337,10 +349,21 @@ class PipelineCache:
         txt2img.set_progress_bar_config(disable=True)
         if self.compile or self.graphs:  # without compilation too: a CUDA graph replays a step's launches at once
             apply_fast_path(txt2img, "inductor" if self.compile else None, self.graphs)
-            warm_up(txt2img, spec.width, spec.height)  # compiles and captures the native size
+            self._warm_up(txt2img, spec)
         img2img = img2img_class.from_pipe(txt2img, dtype=self.dtype)
         img2img.set_progress_bar_config(disable=True)
         return LoadedModel(spec, txt2img, img2img, txt2img.scheduler)
+
+    def _warm_up(self, pipe: Any, spec: ModelSpec) -> None:
+        """Compile and capture the native size now; a GPU without the memory for it still runs smaller requests."""
+        try:
+            warm_up(pipe, spec.width, spec.height)
+            return
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, once the error no longer holds the warm-up's tensors
+        log.warning("warming %s up at %dx%d ran out of GPU memory; it loads without", spec.id, spec.width, spec.height)
+        drop_graphs(pipe)
+        free_memory()
 
     def _load_txt2img(self, spec: ModelSpec, pipeline_class: Any) -> Any:
         kind = spec.source_kind

@@ -209,6 +209,8 @@ def preload_default(studio: Studio) -> None:
         studio.engine.preload(studio.default_model)
     except (ModelUnavailableError, OSError) as exc:
         log.warning("could not preload %s: %s", studio.default_model, exc)
+    except Exception:  # the server serves on; a request for the model will say what is wrong
+        log.exception("could not preload %s", studio.default_model)
 
 
 @contextmanager

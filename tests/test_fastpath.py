@@ -267,6 +267,54 @@ def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(cpu_g
     assert len(unet.forward.graphs) == 4  # and one per new UNet batch and latent size: 4x16x24, 1x16x16, 2x20x12
 
 
+def test_fused_projections_cost_no_memory():
+    """diffusers keeps the q, k and v layers beside the fused one: SDXL's UNet grew by 1.3 GB in fp16."""
+
+    def stored_bytes(model):
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+        return sum(storages.values())
+
+    plain, fast = build_tiny_sdxl_pipeline(), apply_fast_path(build_tiny_sdxl_pipeline(), backend=None)
+    assert stored_bytes(fast.unet) == stored_bytes(plain.unet)
+    attention = next(m for m in fast.unet.modules() if getattr(m, "to_qkv", None) is not None)
+    assert attention.to_k.weight.untyped_storage().data_ptr() == attention.to_qkv.weight.untyped_storage().data_ptr()
+    assert torch.equal(attention.to_v.weight, attention.to_qkv.weight[-attention.to_v.weight.shape[0] :])
+
+
+def test_a_capture_out_of_memory_drops_the_graphs_and_runs_that_shape_eagerly(cpu_graphs, monkeypatch):
+    """It was taken for a forward a graph cannot hold: the graphs captured before kept their memory, the engine
+    never heard of it (nothing freed, merged requests not split), and the shape ran eagerly for good."""
+    captures = []
+    graphed = CudaGraphs(lambda x: x * 2, "stand-in")
+    capture = CudaGraphs._capture
+
+    def short_of_memory_for_big_inputs(self, leaves, spec):
+        captures.append(leaves[0].shape[0])
+        if leaves[0].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return capture(self, leaves, spec)
+
+    monkeypatch.setattr(CudaGraphs, "_capture", short_of_memory_for_big_inputs)
+    assert torch.equal(graphed(torch.ones(2)), torch.full((2,), 2.0))
+    assert torch.equal(graphed(torch.ones(4)), torch.full((4,), 2.0))  # eagerly
+    assert [value is None for value in graphed.graphs.values()] == [True]  # the small shape's graph went too
+    graphed(torch.ones(4))
+    graphed(torch.ones(2))  # captured again
+    assert captures == [2, 4, 2]
+    graphed.drop()  # as freeing memory after an out-of-memory error in the engine does: the big shape tries again
+    graphed(torch.ones(4))
+    assert captures == [2, 4, 2, 4]
+
+
+def test_freeing_memory_after_an_out_of_memory_error_drops_the_loaded_models_graphs(cpu_graphs, settings):
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    engine.cache.graphs = True  # as on CUDA
+    pipe = engine.cache.get("tiny-demo").txt2img
+    assert len(pipe.unet.forward.graphs) == 1 and len(pipe.text_encoder.forward.graphs) == 1  # the warm-up's
+    engine.cache.free_memory()
+    assert pipe.unet.forward.graphs == {} and pipe.text_encoder.forward.graphs == {}
+
+
 def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(cpu_graphs):
     """diffusers encodes the prompt and then the negative prompt through the same text encoder graph: the first
     call's output (a transformers ModelOutput) must not change when the second replays."""

@@ -25,8 +25,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from benchmarks.load import server_process
-from dreamsketch import engine as engine_module
 from dreamsketch import gallery as gallery_module
+from dreamsketch import pipelines as pipelines_module
 from dreamsketch.gallery import TEMP_PREFIX, Gallery
 from dreamsketch.studio import Studio
 from tests.servers import RunningServer, running_server, tiny_settings
@@ -107,8 +107,8 @@ def out_of_memory_once(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -
         unet.forward = forward
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    release = engine_module.free_memory
-    monkeypatch.setattr(engine_module, "free_memory", lambda: (freed.append(1), release())[1])
+    release = pipelines_module.free_memory
+    monkeypatch.setattr(pipelines_module, "free_memory", lambda: (freed.append(1), release())[1])
     monkeypatch.setattr(unet, "forward", fail)
     return freed
 

@@ -230,20 +230,21 @@ def test_what_an_interrupted_download_leaves_is_incomplete(tmp_path, tiny_pipeli
     assert dreamsketch.pipelines.missing_components(folder) == ["unet"]
 
 
-@pytest.mark.parametrize(
-    "failure", [torch.OutOfMemoryError("CUDA out of memory"), TypeError("a bug: unexpected keyword argument")]
-)
-def test_out_of_memory_and_bugs_while_loading_are_not_called_damaged_files(settings, monkeypatch, failure):
+def test_out_of_memory_and_bugs_while_loading_are_not_called_damaged_files(settings, monkeypatch):
     """Every error of these kinds was reported as "its files do not fit together", with advice to check `source`."""
+    failure: Exception = TypeError("a bug: unexpected keyword argument")
 
     def fail(*args, **kwargs):
         raise failure
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", fail)
     engine = LocalEngine(settings, load_registry(settings.models_file))
-    with pytest.raises(type(failure)) as raised:
+    with pytest.raises(TypeError) as raised:
         engine.preload("tiny-folder")
     assert raised.value is failure
+    failure = torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(ModelUnavailableError, match=r"^Model 'tiny-folder' does not fit in the GPU's free memory"):
+        engine.preload("tiny-folder")
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs neither device")
@@ -274,27 +275,44 @@ def test_a_model_that_loads_pushes_the_old_one_out_before_its_weights_go_onto_th
 
 
 def test_a_load_that_fails_on_the_device_leaves_no_entry_and_frees_its_pipeline(settings, monkeypatch):
-    """Past reading, the old model has made room; a failure there (out of memory, a failed warm-up) leaves the
-    cache empty rather than half-filled, frees the half-placed pipeline at once, and the next try loads."""
+    """Past reading, the old model has made room; a failure there (out of memory placing or fusing the weights)
+    leaves the cache empty rather than half-filled, frees the half-placed pipeline at once, says the model does
+    not fit (not "lower the size" of a request, nor a traceback in the CLI), and the next try loads."""
     seen = []
 
-    def fail_warm_up(pipe, width, height):
+    def fail_fast_path(pipe, backend, graphs):
         seen.append(weakref.ref(pipe))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe, backend, graphs: None)
     monkeypatch.setattr("dreamsketch.pipelines.warm_up", lambda pipe, width, height: None)
     engine = LocalEngine(dataclasses.replace(settings, compile=True), load_registry(settings.models_file))
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe, backend, graphs: None)
     engine.preload("tiny-demo")
-    monkeypatch.setattr("dreamsketch.pipelines.warm_up", fail_warm_up)
-    with pytest.raises(torch.cuda.OutOfMemoryError) as error:
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", fail_fast_path)
+    with pytest.raises(ModelUnavailableError, match="does not fit in the GPU's free memory"):
         engine.preload("tiny-folder")
     assert engine.loaded_ids() == []
     assert len(seen) == 1 and seen[0]() is None, "freed while the error is still held (by the engine, the caller)"
-    assert "out of memory" in str(error.value)
-    monkeypatch.setattr("dreamsketch.pipelines.warm_up", lambda pipe, width, height: None)
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe, backend, graphs: None)
     assert generate(engine, "tiny-folder").shape == (128, 128, 3)
     assert engine.loaded_ids() == ["tiny-folder"]
+
+
+def test_a_warm_up_out_of_gpu_memory_leaves_the_model_loaded_for_smaller_requests(settings, monkeypatch, caplog):
+    """The warm-up runs the native size: a GPU without the memory for it failed the whole load, and every request,
+    at any size, loaded the model again and failed again."""
+
+    def fail_warm_up(pipe, width, height):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("dreamsketch.pipelines.warm_up", fail_warm_up)
+    monkeypatch.setattr("dreamsketch.pipelines.apply_fast_path", lambda pipe, backend, graphs: None)
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    engine.cache.graphs = True  # as on CUDA
+    engine.preload("tiny-demo")
+    assert engine.loaded_ids() == ["tiny-demo"]
+    assert "warming tiny-demo up at 128x128 ran out of GPU memory; it loads without" in caplog.text
+    assert generate(engine, "tiny-demo").shape == (128, 128, 3)
 
 
 def test_missing_local_sources_say_where_they_point(tmp_path, settings):

@@ -138,3 +138,17 @@ def test_no_fast_path_on_zero_gpu(zero_gpu, settings, caplog) -> None:  # type: 
     studio = Studio(dataclasses.replace(settings, compile=True))
     assert not studio.engine.cache.graphs and not studio.engine.cache.compile
     assert "DREAMSKETCH_COMPILE=1 is ignored on ZeroGPU" in caplog.text
+
+
+def test_a_default_model_that_fails_to_preload_still_lets_the_space_start(zero_gpu, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The preload runs before serving on ZeroGPU: an error it did not expect stopped the Space from starting."""
+    studio = Studio(dataclasses.replace(settings, server_port=0))
+    app, _demo = create_server(studio)
+    seen: list[str] = []
+    monkeypatch.setattr(studio.engine, "preload", lambda model_id: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(
+        sys.modules["spaces"], "zero", types.SimpleNamespace(startup=lambda: seen.append("start-up")), raising=False
+    )
+    monkeypatch.setattr(StudioServer, "run", lambda server, sockets: (seen.append("serving"), sockets[0].close()))
+    serve(studio, app)
+    assert seen == ["start-up", "serving"]
