@@ -383,6 +383,22 @@ def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(build, backend):
 
 
 @cuda
+def test_cuda_dropping_the_graphs_gives_their_memory_back(settings):
+    """What an out-of-memory error in the engine does: the pools of the graphs captured so far (the largest batch's
+    memory) go back to the device, and the next request captures again."""
+    engine = LocalEngine(dataclasses.replace(settings, device="cuda"), load_registry(settings.models_file))
+    fields = {"prompt": "fox", "steps": 2, "batch_size": 8, "width": 256, "height": 256}
+    request = parse_request(fields, engine.cache.registry, "txt2img", "tiny-demo")
+    engine.generate(request)  # captures the UNet for a batch of 16 rows
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved()
+    engine.cache.free_memory()
+    assert torch.cuda.memory_reserved() < held
+    assert len(engine.generate(request).images) == 8
+    assert len(engine.cache.get("tiny-demo").txt2img.unet.forward.graphs) == 1
+
+
+@cuda
 def test_cuda_compiled_unet_batch_of_one_replays_its_own_graph_with_the_plain_picture():
     plain = build_tiny_pipeline().to("cuda", torch.float16)
     fast = apply_fast_path(build_tiny_pipeline().to("cuda", torch.float16), backend="inductor")
