@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     preload = commands.add_parser(
         "preload",
         help="download and check model weights ahead of time",
-        description="Download and check model weights ahead of time; exits 1 if any could not be fetched.",
+        description="Download and check model weights ahead of time; exits 1 if any could not be fetched or loaded.",
     )
     which = preload.add_mutually_exclusive_group(required=True)
     which.add_argument("--models", nargs="+", metavar="ID", help="the models to fetch (ids from `models`)")
@@ -249,7 +249,7 @@ def preload(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
             failed.append(model_id)
             print(f"FAILED  {model_id}: {exc}", file=sys.stderr)
     if failed:
-        print(f"{len(failed)} of {len(ids)} models could not be fetched: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} of {len(ids)} models could not be loaded: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -256,29 +256,37 @@ class LocalEngine:
             self._turn.notify_all()  # the next in line can wait for the device now
         return batch
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
+    def _run_batch(self, jobs: list[_Job], again: bool = True) -> None:
+        """Run `jobs` as one pipeline call. Out of GPU memory, merged requests run again one by one, and a request
+        alone runs again once if CUDA graphs held memory (`again`)."""
         if not jobs:
             return
         request = jobs[0].request
         try:
             self._run(self.cache.get(request.model_id), jobs)
+            return
         except torch.cuda.OutOfMemoryError:
-            self.cache.free_memory()
-            if len(jobs) > 1:  # merged here, not asked for together: each request alone may fit
-                for job in jobs:
-                    if not job.done.is_set():
-                        self._run_batch([job])
-                return
-            size = f"{request.width}x{request.height}, batch size {request.batch_size}"
-            jobs[0].finish(error=GenerationError(f"Out of GPU memory at {size}: lower the size or the batch size."))
+            pass  # handled below, once the error no longer holds the failed call's tensors
         except GenerationCancelled:
             for job in jobs:
                 if not job.done.is_set():
                     job.finish(error=GenerationCancelled())
+            return
         except Exception as exc:
             for job in jobs:
                 if not job.done.is_set():
                     job.finish(error=exc)
+            return
+        dropped_graphs = self.cache.free_memory()
+        if len(jobs) > 1:  # merged here, not asked for together: each request alone may fit
+            for job in jobs:
+                if not job.done.is_set():
+                    self._run_batch([job], again=False)
+        elif again and dropped_graphs:
+            self._run_batch(jobs, again=False)
+        else:
+            size = f"{request.width}x{request.height}, batch size {request.batch_size}"
+            jobs[0].finish(error=GenerationError(f"Out of GPU memory at {size}: lower the size or the batch size."))
 
     def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
         first = jobs[0].request

@@ -78,7 +78,7 @@ FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}  # diffu
 def share_fused_weights(model: torch.nn.Module) -> None:
     """diffusers keeps the separate q, k and v layers beside each fused one (to unfuse them): their weights become
     views of the fused layer's, so that fusing costs no memory (0.11 GB of SD 1.5's UNet in fp16, 1.3 GB of
-    SDXL's)."""
+    SDXL's). A later change of dtype copies them apart again, and save_pretrained refuses shared tensors."""
     for module in model.modules():
         for fused_name, part_names in FUSED.items():
             fused = getattr(module, fused_name, None)
@@ -105,12 +105,14 @@ def replay_as_graphs(pipe: Any) -> None:
         model.forward = CudaGraphs(model.forward, type(model).__name__)
 
 
-def drop_graphs(pipe: Any) -> None:
+def drop_graphs(pipe: Any) -> bool:
     """Drop the CUDA graphs `pipe`'s models captured, and the memory they keep; each shape is captured again at its
-    next call."""
-    for model in graphed_models(pipe):
-        if isinstance(model.forward, CudaGraphs):
-            model.forward.drop()
+    next call. Whether there were any."""
+    wrappers = [model.forward for model in graphed_models(pipe) if isinstance(model.forward, CudaGraphs)]
+    captured = any(graph is not None for wrapper in wrappers for graph in wrapper.graphs.values())
+    for wrapper in wrappers:
+        wrapper.drop()
+    return captured
 
 
 def compile_regions(model: torch.nn.Module, backend: str) -> None:
@@ -226,11 +228,11 @@ class CudaGraphs:
         start = time.perf_counter()
         try:
             captured = self._capture(leaves, spec)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as exc:  # out of memory too, or as the cause of the capture's own error
+            if not any(isinstance(e, torch.cuda.OutOfMemoryError) for e in (exc, exc.__cause__, exc.__context__)):
+                log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
+                return None
             captured = None  # dropped below, once the error no longer holds the capture's tensors
-        except RuntimeError as exc:
-            log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
-            return None
         if captured is None:
             log.warning("out of GPU memory while capturing a CUDA graph of %s: its graphs are dropped", self.name)
             self.drop()

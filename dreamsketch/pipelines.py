@@ -307,7 +307,7 @@ class PipelineCache:
             model = self._load(spec)
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)  # so that free_memory frees a half-placed pipeline now
-            free_memory()
+            self.free_memory()
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise ModelUnavailableError(
                     f"Model '{model_id}' does not fit in the GPU's free memory; free the GPU of other work, or pick"
@@ -327,12 +327,12 @@ class PipelineCache:
         free_memory()
         log.info("unloaded %s", model_id)
 
-    def free_memory(self) -> None:
+    def free_memory(self) -> bool:
         """After running out of GPU memory: the loaded models' CUDA graphs go too (each keeps the memory of the
-        largest shape it captured); their shapes are captured again at their next call."""
-        for model in self.loaded.values():
-            drop_graphs(model.txt2img)
+        largest shape it captured); their shapes are captured again at their next call. Whether any went."""
+        dropped = [drop_graphs(model.txt2img) for model in self.loaded.values()]
         free_memory()
+        return any(dropped)
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         """Loaded models make room only for a model that loads: not before its weights are found, read into host

@@ -69,7 +69,7 @@ def test_models_and_preload_report_what_is_usable(tmp_path):
     preload = run_cli(tmp_path, "preload", "--models", "tiny-demo", "stable-diffusion-v1-5")
     assert preload.returncode == 1
     assert "ok      tiny-demo" in preload.stdout
-    assert "FAILED  stable-diffusion-v1-5" in preload.stderr and "1 of 2 models could not be fetched" in preload.stderr
+    assert "FAILED  stable-diffusion-v1-5" in preload.stderr and "1 of 2 models could not be loaded" in preload.stderr
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import threading
+import weakref
 
 import diffusers
 import numpy as np
@@ -371,6 +372,28 @@ def test_out_of_memory_asks_for_smaller_work_and_the_next_request_runs(engine):
         engine.generate(request(engine, batch_size=2))
     unet.forward = forward
     assert len(engine.generate(request(engine)).images) == 1
+
+
+def test_out_of_memory_is_handled_once_the_failed_call_has_let_go_of_its_tensors(engine, monkeypatch):
+    """Memory was released, and merged requests ran again, while the error still held the failed call's frames
+    and with them its activations: gigabytes on a GPU, so the retries ran out of memory again."""
+    unet = engine.cache.get("tiny-demo").txt2img.unet
+    forward, activations, alive_when_freeing = unet.forward, [], []
+
+    def fail_once(*args, **kwargs):
+        unet.forward = forward
+        activation = torch.ones(4)
+        activations.append(weakref.ref(activation))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    release = engine.cache.free_memory
+    monkeypatch.setattr(
+        engine.cache, "free_memory", lambda: alive_when_freeing.append(activations[0]() is not None) or release()
+    )
+    unet.forward = fail_once
+    with pytest.raises(GenerationError, match="lower the size or the batch size"):
+        engine.generate(request(engine))
+    assert alive_when_freeing == [False]
 
 
 def test_requests_merged_into_a_batch_too_big_for_the_device_run_again_alone(engine):

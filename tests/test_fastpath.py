@@ -281,7 +281,16 @@ def test_fused_projections_cost_no_memory():
     assert torch.equal(attention.to_v.weight, attention.to_qkv.weight[-attention.to_v.weight.shape[0] :])
 
 
-def test_a_capture_out_of_memory_drops_the_graphs_and_runs_that_shape_eagerly(cpu_graphs, monkeypatch):
+def capture_error_from(out_of_memory):
+    """The capture's own RuntimeError, raised while out of memory (as torch's capture_end may raise it)."""
+    try:
+        raise out_of_memory
+    except torch.cuda.OutOfMemoryError:
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
+
+
+@pytest.mark.parametrize("raise_it", [lambda error: error, capture_error_from], ids=["plain", "as-the-context"])
+def test_a_capture_out_of_memory_drops_the_graphs_and_runs_that_shape_eagerly(cpu_graphs, monkeypatch, raise_it):
     """It was taken for a forward a graph cannot hold: the graphs captured before kept their memory, the engine
     never heard of it (nothing freed, merged requests not split), and the shape ran eagerly for good."""
     captures = []
@@ -291,7 +300,7 @@ def test_a_capture_out_of_memory_drops_the_graphs_and_runs_that_shape_eagerly(cp
     def short_of_memory_for_big_inputs(self, leaves, spec):
         captures.append(leaves[0].shape[0])
         if leaves[0].shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            raise raise_it(torch.cuda.OutOfMemoryError("CUDA out of memory"))
         return capture(self, leaves, spec)
 
     monkeypatch.setattr(CudaGraphs, "_capture", short_of_memory_for_big_inputs)
@@ -313,6 +322,25 @@ def test_freeing_memory_after_an_out_of_memory_error_drops_the_loaded_models_gra
     assert len(pipe.unet.forward.graphs) == 1 and len(pipe.text_encoder.forward.graphs) == 1  # the warm-up's
     engine.cache.free_memory()
     assert pipe.unet.forward.graphs == {} and pipe.text_encoder.forward.graphs == {}
+
+
+def test_a_request_out_of_memory_runs_again_once_when_cuda_graphs_kept_memory(cpu_graphs, settings):
+    """The graphs keep the memory of the largest batch they captured: once they are dropped, the request may fit."""
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    engine.cache.graphs = True  # as on CUDA
+    pipe = engine.cache.get("tiny-demo").txt2img
+    decode, graphs_then = pipe.vae.decode, []
+
+    def short_of_memory_once(*args, **kwargs):
+        if not graphs_then:
+            graphs_then.append(len(pipe.unet.forward.graphs))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return decode(*args, **kwargs)
+
+    pipe.vae.decode = short_of_memory_once
+    request = parse_request({"prompt": "fox", "steps": 2}, engine.cache.registry, "txt2img", "tiny-demo")
+    assert len(engine.generate(request).images) == 1
+    assert graphs_then == [1] and len(pipe.unet.forward.graphs) == 1  # dropped, then captured again
 
 
 def test_graph_replays_hand_out_copies_that_outlive_the_next_replay(cpu_graphs):
