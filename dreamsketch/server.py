@@ -157,12 +157,12 @@ def serve(studio: Studio | None = None, app: FastAPI | None = None) -> None:
     log.info("gallery: %s (%d images)", studio.gallery.folder, studio.gallery.count())
     if settings.auth:
         log.info("sign-in required (DREAMSKETCH_AUTH)")
-    print(f"DreamSketch on {settings.local_url} (MCP: {settings.local_url}/gradio_api/mcp/)", flush=True)
     if zerogpu.on_zero_gpu():  # ZeroGPU's start-up hands the weights loaded before it to its workers
         preload_default(studio)
         zerogpu.start_up()
     else:
         threading.Thread(target=preload_default, args=(studio,), name="preload", daemon=True).start()
+    print(f"DreamSketch on {settings.local_url} (MCP: {settings.local_url}/gradio_api/mcp/)", flush=True)
     # Open streams (a browser tab's heartbeat, the MCP server's connection to this app) never close by themselves:
     # without a limit, Ctrl-C or SIGTERM waited for them forever.
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
