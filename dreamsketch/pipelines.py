@@ -307,12 +307,13 @@ class PipelineCache:
             model = self._load(spec)
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)  # so that free_memory frees a half-placed pipeline now
-            self.free_memory()
             if isinstance(exc, torch.cuda.OutOfMemoryError):
+                self.free_memory()  # the loaded models' CUDA graphs too
                 raise ModelUnavailableError(
                     f"Model '{model_id}' does not fit in the GPU's free memory; free the GPU of other work, or pick"
                     " a smaller model."
                 ) from None
+            free_memory()
             raise
         self.loaded[model_id] = model
         log.info("loaded %s in %.1f s", model_id, time.perf_counter() - start)

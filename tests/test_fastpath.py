@@ -28,6 +28,7 @@ from dreamsketch.fastpath import (
     replay_as_graphs,
     signature,
 )
+from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.registry import load_registry
 from dreamsketch.request import parse_request
 from dreamsketch.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
@@ -320,6 +321,9 @@ def test_freeing_memory_after_an_out_of_memory_error_drops_the_loaded_models_gra
     engine.cache.graphs = True  # as on CUDA
     pipe = engine.cache.get("tiny-demo").txt2img
     assert len(pipe.unet.forward.graphs) == 1 and len(pipe.text_encoder.forward.graphs) == 1  # the warm-up's
+    with pytest.raises(ModelUnavailableError):
+        engine.preload("uncached-hub")  # a model that cannot load for another reason leaves the graphs alone
+    assert len(pipe.unet.forward.graphs) == 1
     engine.cache.free_memory()
     assert pipe.unet.forward.graphs == {} and pipe.text_encoder.forward.graphs == {}
 
