@@ -81,6 +81,16 @@ CSS = """
 # The restored fields checked as a txt2img request would check them, one at a time but the size as a pair (strength
 # comes from img2img pictures, whose A1111 "Denoising strength" is always within its bounds).
 RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "batch_size")
+LABELS = {  # the form's names for request fields
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "width": "Width",
+    "height": "Height",
+    "steps": "Steps",
+    "guidance_scale": "Guidance",
+    "seed": "Seed",
+    "batch_size": "Batch size",
+}
 SIZE = ("width", "height")
 FORM_FIELDS = ("prompt", "negative_prompt", "model_id", "width", "height", "steps", "guidance_scale", "seed")
 
@@ -345,10 +355,11 @@ def outside_the_rules(studio: Studio, parameters: dict[str, Any], model_id: str,
         try:
             studio.parse({**group, "model_id": model_id}, "txt2img")
         except RequestError as exc:
-            kept = f"{' and '.join(group)} left as {'they were' if len(group) > 1 else 'it was'}"
+            names = " and ".join(LABELS[name] for name in group)
+            kept = f"{names} left as {'they were' if len(group) > 1 else 'it was'}"
             if native and set(group) <= set(SIZE):
                 kept = f"the model's own size ({native['width']}x{native['height']}) instead"
-            gr.Warning(html.escape(f"{exc}; {kept}.", quote=False))
+            gr.Warning(html.escape(f"{LABELS.get(exc.field, exc.field)}: {exc.rule}; {kept}.", quote=False))
             refused |= set(group)
     return refused
 
@@ -556,9 +567,9 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                     label="Input image", sources=["upload", "clipboard"], height=280, elem_id="img2img-image"
                 )
             form.fields["prompt"] = gr.Textbox(
-                label="Prompt", lines=3, max_length=2000, placeholder="Describe the image"
+                label=LABELS["prompt"], lines=3, max_length=2000, placeholder="Describe the image"
             )
-            form.fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, max_length=2000)
+            form.fields["negative_prompt"] = gr.Textbox(label=LABELS["negative_prompt"], lines=2, max_length=2000)
             if mode == "txt2img":  # looks like gr.Examples (which is static); wire_form swaps the samples per model
                 form.suggestions = gr.Dataset(
                     components=[form.fields["prompt"]],
@@ -572,17 +583,19 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                     0.01, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Strength (denoising)"
                 )
             with gr.Row():
-                form.fields["width"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=width, step=8, label="Width")
-                form.fields["height"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=height, step=8, label="Height")
+                form.fields["width"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=width, step=8, label=LABELS["width"])
+                form.fields["height"] = gr.Slider(MIN_SIDE, MAX_SIDE, value=height, step=8, label=LABELS["height"])
             with gr.Row():
-                form.fields["steps"] = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps")
-                form.fields["guidance_scale"] = gr.Slider(0, MAX_GUIDANCE, value=guidance, step=0.5, label="Guidance")
+                form.fields["steps"] = gr.Slider(1, MAX_STEPS, value=steps, step=1, label=LABELS["steps"])
+                form.fields["guidance_scale"] = gr.Slider(
+                    0, MAX_GUIDANCE, value=guidance, step=0.5, label=LABELS["guidance_scale"]
+                )
             with gr.Row():
-                form.fields["seed"] = gr.Number(-1, label="Seed (-1: random)")
+                form.fields["seed"] = gr.Number(-1, label=f"{LABELS['seed']} (-1: random)")
                 form.fields["scheduler"] = gr.Dropdown(
                     [DEFAULT_SCHEDULER, *SCHEDULERS], value=DEFAULT_SCHEDULER, label="Scheduler"
                 )
-                form.fields["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+                form.fields["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label=LABELS["batch_size"])
             with gr.Row():
                 form.generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate")
                 form.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{mode}-cancel")

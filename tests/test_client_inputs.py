@@ -256,9 +256,9 @@ def test_restored_parameters_outside_the_rules_are_left_out_with_a_warning(tmp_p
         "prompt": "a fox", "model_id": "tiny-demo", "width": SKIP, "height": SKIP, "steps": SKIP,
         "guidance_scale": 5.0, "seed": SKIP, "scheduler": "Euler",
     }  # fmt: skip
-    assert [str(w.message).split(":")[0] for w in warned] == ["field 'height'", "field 'steps'", "field 'seed'"]
+    assert [str(w.message).split(":")[0] for w in warned] == ["Height", "Steps", "Seed"]  # the form's labels
     assert [str(w.message).rsplit("; ", 1)[1] for w in warned] == [
-        "width and height left as they were.", "steps left as it was.", "seed left as it was."
+        "Width and Height left as they were.", "Steps left as it was.", "Seed left as it was."
     ]  # fmt: skip
 
 
@@ -271,7 +271,7 @@ def test_a_restored_size_is_checked_whole_against_the_model_the_form_will_have(t
     registry.write_text(yaml.safe_dump([small, {**small, "id": "tiny-demo", "width": 128, "height": 128}]))
     studio = Studio(tiny_settings(tmp_path, default_model="small"))
     names = ("model_id", "width", "height")
-    with pytest.warns(UserWarning, match=r"native area \(64x64\): 256x256 is too large; width and height left"):
+    with pytest.warns(UserWarning, match=r"native area \(64x64\): 256x256 is too large; Width and Height left"):
         assert form_values({"width": 256, "height": 256}, studio, names, "small") == [SKIP, SKIP, SKIP]
     with pytest.warns(UserWarning, match="^Model 'v1-5-pruned' is not in this registry; the model is unchanged.$"):
         values = form_values({"width": 512, "height": 128, "model_id": "v1-5-pruned"}, studio, names, "tiny-demo")
