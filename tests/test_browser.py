@@ -74,6 +74,18 @@ def set_numbers(page, **values: int) -> None:  # type: ignore[no-untyped-def]
         field.press("Enter")
 
 
+def type_kept(field, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Type into a number box until the value stays: in a tab shown for the first time, Gradio may still be mounting
+    the slider, which then puts its old value back (Generate then sent 0.6 for a Strength typed as 0.3)."""
+    for _ in range(10):
+        field.fill(value)
+        field.press("Enter")
+        field.page.wait_for_timeout(300)
+        if field.input_value() == value:
+            return
+    raise AssertionError(f"{value} typed, {field.input_value()} kept")
+
+
 def choose_model(page, name: str) -> None:  # type: ignore[no-untyped-def]
     """Pick the Text to image model whose label starts with `name`, as a person does."""
     page.get_by_label("Model").first.click()
@@ -255,8 +267,7 @@ def test_new_results_are_not_picked_and_img2img_reuse_restores_the_strength(brow
     page.get_by_role("button", name="Send to img2img").first.click()
     expect(page.get_by_role("tab", name="Image to image")).to_have_attribute("aria-selected", "true", timeout=10_000)
     strength = page.get_by_label("number input for Strength (denoising)")
-    strength.fill("0.3")
-    strength.press("Enter")
+    type_kept(strength, "0.3")
     page.locator("#img2img-generate").click()
     expect(page.locator("#img2img-results img").first).to_be_visible(timeout=60_000)
     assert server.studio.gallery.list(limit=1)[0].meta.strength == 0.3
