@@ -228,6 +228,14 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(CudaGraphs, "_capture", capture)
 
 
+@pytest.fixture
+def engine_as_on_cuda(cpu_graphs, settings):
+    """The default engine as it is on CUDA, its CUDA graphs captured as cpu_graphs simulates them."""
+    engine = LocalEngine(settings, load_registry(settings.models_file))
+    engine.cache.graphs = True
+    return engine
+
+
 def test_the_simulated_capture_refuses_what_a_cuda_graph_cannot_hold(cpu_graphs):
     def reads_a_value(x):
         return x * float(x.sum())
@@ -243,13 +251,12 @@ def test_the_simulated_capture_refuses_what_a_cuda_graph_cannot_hold(cpu_graphs)
             CudaGraphs(forward, "stand-in")(torch.ones(2))
 
 
-def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(cpu_graphs, settings):
+def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(engine_as_on_cuda, settings):
     """Without DREAMSKETCH_COMPILE the fast path runs on CUDA too, without compilation: channels_last, fused QKV and
     CUDA graphs (captured here on the CPU as the cpu_graphs fixture simulates them), the native size at load."""
-    engine = LocalEngine(settings, load_registry(settings.models_file))
-    assert not engine.cache.graphs  # on the CPU
-    engine.cache.graphs = True  # as on CUDA
+    engine = engine_as_on_cuda
     plain = LocalEngine(settings, load_registry(settings.models_file))
+    assert not plain.cache.graphs  # on the CPU
     unet = engine.cache.get("tiny-demo").txt2img.unet
     assert isinstance(unet.forward, CudaGraphs) and len(unet.forward.graphs) == 1  # the warm-up's, 128x128
     assert isinstance(engine.cache.get("tiny-demo").txt2img.text_encoder.forward, CudaGraphs)
@@ -316,9 +323,8 @@ def test_a_capture_out_of_memory_drops_the_graphs_and_runs_that_shape_eagerly(cp
     assert captures == [2, 4, 2, 4]
 
 
-def test_freeing_memory_after_an_out_of_memory_error_drops_the_loaded_models_graphs(cpu_graphs, settings):
-    engine = LocalEngine(settings, load_registry(settings.models_file))
-    engine.cache.graphs = True  # as on CUDA
+def test_freeing_memory_after_an_out_of_memory_error_drops_the_loaded_models_graphs(engine_as_on_cuda):
+    engine = engine_as_on_cuda
     pipe = engine.cache.get("tiny-demo").txt2img
     assert len(pipe.unet.forward.graphs) == 1 and len(pipe.text_encoder.forward.graphs) == 1  # the warm-up's
     with pytest.raises(ModelUnavailableError):
@@ -328,10 +334,9 @@ def test_freeing_memory_after_an_out_of_memory_error_drops_the_loaded_models_gra
     assert pipe.unet.forward.graphs == {} and pipe.text_encoder.forward.graphs == {}
 
 
-def test_a_request_out_of_memory_runs_again_once_when_cuda_graphs_kept_memory(cpu_graphs, settings):
+def test_a_request_out_of_memory_runs_again_once_when_cuda_graphs_kept_memory(engine_as_on_cuda):
     """The graphs keep the memory of the largest batch they captured: once they are dropped, the request may fit."""
-    engine = LocalEngine(settings, load_registry(settings.models_file))
-    engine.cache.graphs = True  # as on CUDA
+    engine = engine_as_on_cuda
     pipe = engine.cache.get("tiny-demo").txt2img
     decode, graphs_then = pipe.vae.decode, []
 

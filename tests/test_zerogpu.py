@@ -114,21 +114,32 @@ def test_a_model_loads_in_the_main_process_before_the_worker_is_forked(zero_gpu,
     assert studio.engine.loaded_ids() == ["tiny-folder"]
 
 
-def test_serving_runs_zero_gpus_start_up_once_the_default_model_has_loaded(zero_gpu, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """spaces' start-up (it packs the weights loaded so far for the workers and reports the Space started) runs from
-    Gradio's Blocks.launch, which DreamSketch's own server never calls: it never ran."""
-    studio = Studio(dataclasses.replace(settings, server_port=0))
+def serve_with_stand_ins(
+    studio: Studio, monkeypatch: pytest.MonkeyPatch, start_up: Callable[[], None], serving: Callable[[], None]
+) -> None:
+    """serve(), with spaces' start-up and uvicorn's serving replaced by `start_up` and `serving`."""
     app, _demo = create_server(studio)
-    seen: list[tuple[str, list[str]]] = []
-    start_up = types.SimpleNamespace(startup=lambda: seen.append(("start-up", studio.engine.loaded_ids())))
-    monkeypatch.setattr(sys.modules["spaces"], "zero", start_up, raising=False)
+    monkeypatch.setattr(sys.modules["spaces"], "zero", types.SimpleNamespace(startup=start_up), raising=False)
 
     def run(server: StudioServer, sockets: list[socket.socket]) -> None:
-        seen.append(("serving", studio.engine.loaded_ids()))
+        serving()
         sockets[0].close()
 
     monkeypatch.setattr(StudioServer, "run", run)
     serve(studio, app)
+
+
+def test_serving_runs_zero_gpus_start_up_once_the_default_model_has_loaded(zero_gpu, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """spaces' start-up (it packs the weights loaded so far for the workers and reports the Space started) runs from
+    Gradio's Blocks.launch, which DreamSketch's own server never calls: it never ran."""
+    studio = Studio(dataclasses.replace(settings, server_port=0))
+    seen: list[tuple[str, list[str]]] = []
+    serve_with_stand_ins(
+        studio,
+        monkeypatch,
+        start_up=lambda: seen.append(("start-up", studio.engine.loaded_ids())),
+        serving=lambda: seen.append(("serving", studio.engine.loaded_ids())),
+    )
     assert seen == [("start-up", ["tiny-demo"]), ("serving", ["tiny-demo"])]
 
 
@@ -143,12 +154,9 @@ def test_no_fast_path_on_zero_gpu(zero_gpu, settings, caplog) -> None:  # type: 
 def test_a_default_model_that_fails_to_preload_still_lets_the_space_start(zero_gpu, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The preload runs before serving on ZeroGPU: an error it did not expect stopped the Space from starting."""
     studio = Studio(dataclasses.replace(settings, server_port=0))
-    app, _demo = create_server(studio)
     seen: list[str] = []
     monkeypatch.setattr(studio.engine, "preload", lambda model_id: (_ for _ in ()).throw(RuntimeError("a bug")))
-    monkeypatch.setattr(
-        sys.modules["spaces"], "zero", types.SimpleNamespace(startup=lambda: seen.append("start-up")), raising=False
+    serve_with_stand_ins(
+        studio, monkeypatch, start_up=lambda: seen.append("start-up"), serving=lambda: seen.append("serving")
     )
-    monkeypatch.setattr(StudioServer, "run", lambda server, sockets: (seen.append("serving"), sockets[0].close()))
-    serve(studio, app)
     assert seen == ["start-up", "serving"]
