@@ -12,7 +12,7 @@ Prints one JSON document.
     python -m benchmarks.request_phases --small           # tiny model on the CPU: checks the benchmark itself
 
 Experiments (not in the app), each measured again after the ones before it: --cudnn-benchmark,
---cudnn-attention, --contiguous-vae, --compile-vae.
+--cudnn-attention, --compile-vae.
 """
 
 from __future__ import annotations
@@ -149,13 +149,6 @@ def prefer_cudnn_attention(pipe: Any) -> None:
     drop_graphs(pipe)
 
 
-def use_contiguous_vae(pipe: Any) -> None:
-    """The VAE in torch's default memory format, as plain diffusers has it: the fast path makes it channels_last,
-    and eager GroupNorm copies each channels_last tensor into that format (64 copies, 86 ms of SDXL's 200 ms
-    decode on the H100 on 2026-11-26)."""
-    pipe.vae.to(memory_format=torch.contiguous_format)
-
-
 def profile(call: Callable[[], Any], rows: int) -> tuple[str, float]:
     """torch.profiler's table of one request's operators, by time on the device (CPU time without a GPU), and the
     milliseconds the device was busy with kernels and copies (0 without a GPU)."""
@@ -190,11 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         help="then let attention try cuDNN's kernels first and measure again (an experiment: not in the app)",
     )
     parser.add_argument(
-        "--contiguous-vae",
-        action="store_true",
-        help="then keep the VAE out of channels_last and measure again (an experiment: not in the app)",
-    )
-    parser.add_argument(
         "--compile-vae",
         action="store_true",
         help="then compile the VAE decoder's blocks like the UNet's and measure again (an experiment: not in the app)",
@@ -225,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     experiments = {
         "cudnn_benchmark": (args.cudnn_benchmark, lambda: use_cudnn_benchmark(pipe)),
         "cudnn_attention": (args.cudnn_attention, lambda: prefer_cudnn_attention(pipe)),
-        "vae_contiguous": (args.contiguous_vae, lambda: use_contiguous_vae(pipe)),
         "vae_compiled": (args.compile_vae, lambda: compile_regions(pipe.vae.decoder, args.compile_backend)),
     }
     for name, (wanted, change) in experiments.items():

@@ -41,6 +41,7 @@ def test_fast_path_output_equals_the_plain_path():
     assert {type(module).__name__ for module in regions} == set(REGIONS)
     assert all(module._compiled_call_impl is not None for module in regions)
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.vae.decoder.conv_in.weight.is_contiguous()  # the VAE, eager, is faster in torch's default format
     assert any(hasattr(module, "to_qkv") for module in unet.modules())  # fused QKV projections
     kwargs = dict(prompt="a red fox", num_inference_steps=4, height=128, width=128, output_type="np")
     for seed in (1, 2):
@@ -229,9 +230,15 @@ def cpu_graphs(monkeypatch):
 
 
 @pytest.fixture
-def engine_as_on_cuda(cpu_graphs, settings):
-    """The default engine as it is on CUDA, its CUDA graphs captured as cpu_graphs simulates them."""
-    engine = LocalEngine(settings, load_registry(settings.models_file))
+def cpu_settings(settings):
+    """The CPU even where a GPU is (the GPU run of the CUDA tests selects these tests by their names too)."""
+    return dataclasses.replace(settings, device="cpu")
+
+
+@pytest.fixture
+def engine_as_on_cuda(cpu_graphs, cpu_settings):
+    """The default engine as it is on CUDA, its CUDA graphs captured on the CPU as cpu_graphs simulates them."""
+    engine = LocalEngine(cpu_settings, load_registry(cpu_settings.models_file))
     engine.cache.graphs = True
     return engine
 
@@ -251,12 +258,12 @@ def test_the_simulated_capture_refuses_what_a_cuda_graph_cannot_hold(cpu_graphs)
             CudaGraphs(forward, "stand-in")(torch.ones(2))
 
 
-def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(engine_as_on_cuda, settings):
+def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(engine_as_on_cuda, cpu_settings):
     """Without DREAMSKETCH_COMPILE the fast path runs on CUDA too, without compilation: channels_last, fused QKV and
     CUDA graphs (captured here on the CPU as the cpu_graphs fixture simulates them), the native size at load."""
     engine = engine_as_on_cuda
-    plain = LocalEngine(settings, load_registry(settings.models_file))
-    assert not plain.cache.graphs  # on the CPU
+    plain = LocalEngine(cpu_settings, load_registry(cpu_settings.models_file))
+    assert not plain.cache.graphs
     unet = engine.cache.get("tiny-demo").txt2img.unet
     assert isinstance(unet.forward, CudaGraphs) and len(unet.forward.graphs) == 1  # the warm-up's, 128x128
     assert isinstance(engine.cache.get("tiny-demo").txt2img.text_encoder.forward, CudaGraphs)
