@@ -396,6 +396,40 @@ def test_out_of_memory_is_handled_once_the_failed_call_has_let_go_of_its_tensors
     assert alive_when_freeing == [False]
 
 
+def test_a_batch_whose_decoding_runs_out_of_memory_is_decoded_one_picture_at_a_time(engine):
+    """Decoding takes the most memory of a request (8 SDXL pictures at 1024x1024: about 33 GB in fp32): the
+    denoised batch is not thrown away and denoised again when decoding it all at once does not fit."""
+    vae = engine.cache.get("tiny-demo").txt2img.vae
+    decode, decoded = vae.decode, []
+
+    def one_picture_only(latents, **kwargs):
+        decoded.append(len(latents))
+        if len(latents) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return decode(latents, **kwargs)
+
+    together = engine.generate(request(engine, batch_size=3))
+    vae.decode = one_picture_only
+    apart = engine.generate(request(engine, batch_size=3))
+    assert decoded == [3, 1, 1, 1]
+    for made, expected in zip(apart.images, together.images, strict=True):
+        assert np.abs(pixels(made) - pixels(expected)).max() <= 1
+
+
+def test_a_single_picture_whose_decoding_runs_out_of_memory_asks_for_smaller_work(engine):
+    vae = engine.cache.get("tiny-demo").txt2img.vae
+    decoded = []
+
+    def out_of_memory(latents, **kwargs):
+        decoded.append(len(latents))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    vae.decode = out_of_memory
+    with pytest.raises(GenerationError, match="lower the size or the batch size"):
+        engine.generate(request(engine))
+    assert decoded == [1]
+
+
 def test_requests_merged_into_a_batch_too_big_for_the_device_run_again_alone(engine):
     """Out of memory failed every request merged into the batch, each told to lower a batch size it never chose."""
     unet = engine.cache.get("tiny-demo").txt2img.unet
