@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
 # first, so that a call cut short by its time limit still leaves whole figures. The targets still open come first:
-# gpu_pipeline for SD 1.5 (it also fills the compile cache); where a compiled SD 1.5 request's time goes
-# (request_phases) with the VAE experiments that could bring it under 0.3 s; the fast path's first call in a fresh
-# process with that cache warm; the CUDA tests (fast path, step pacing, noise copy); an experiment for the cold
-# first call (SD 1.5's blocks compiled ahead by worker processes: precompile); request_phases with PNDM; then SDXL,
-# whose targets were met on 2026-11-26: gpu_pipeline (plain diffusers, the default engine, the compiled fast path),
-# request_phases of the default engine, the warm first call.
-# The whole script takes far longer than one call: on 2026-11-27 (an H100 with a slow host) gpu_pipeline for SD 1.5
-# took 4.7 min, the warm first call 1.0 min, the CUDA tests 2.2 min, precompile more than 2.7 min. Run it unpiped:
-# a pipe (grep, tail) holds back the last lines, and the reply's tail then hides which steps finished.
+# gpu_pipeline for SD 1.5 (0.3 s, now with the VAE in torch's default memory format; it also fills the compile
+# cache), the fast path's first call in a fresh process with that cache warm (15 s), the CUDA tests, where a
+# compiled SD 1.5 request's time goes (request_phases) with the compiled VAE decoder as an experiment; then SDXL,
+# whose targets are met: gpu_pipeline, request_phases of the default engine, the warm first call.
+# On 2026-11-27 (fourth run, an H100 with a fast host) SD 1.5's gpu_pipeline took 2.9 min, request_phases 1.4, the
+# warm first call 0.6, the CUDA tests 1.4, SDXL's gpu_pipeline 3.3 (--runs 3). Run it unpiped: a pipe (grep, tail)
+# holds back the last lines, and the reply's tail then hides which steps finished.
 # Arguments go to the benchmarks: --runs N, --compile-backend B, --small. The outputs are written to $WORK and
-# packed into $OUT/results.tar.gz after every step (the device tool brings back at most 8 files from $OUT).
+# packed into $OUT/results.tar.gz after every step and every 30 s (the device tool brings back at most 8 files).
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
 # The machine has torch but not diffusers: `make gpu-wheels` here, carry .whl.
 set -uo pipefail
@@ -50,19 +48,11 @@ step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log
     pack
 }
 
-# plain diffusers, the default engine (on CUDA the fast path without compilation since 2026-11-27: what earlier
-# runs called dreamsketch_graphs) and the compiled fast path, with torch's compile steps and their times (tracing,
-# inductor), to split the cold first call's compilation up (145.6 s of 155.4 s on 2026-11-27)
+# plain diffusers, the default engine (the fast path without compilation) and the compiled fast path, with torch's
+# compile steps and their times (tracing, inductor): 0.303 s on 2026-11-27 with the VAE in channels_last
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
-# the compile cache is warm now: where the compiled request's time goes (device_busy_ms against request_ms: the
-# GPU's idle time, 36 ms on 2026-11-26), then the VAE decode, the only part left that can bring the request under
-# 0.3 s (313 ms on 2026-11-27, 63 ms of it outside the UNet): out of channels_last (eager GroupNorm copies
-# channels_last tensors: 10.7 ms of its 38.9 ms on 2026-11-26), then also compiled (21 ms on 2026-11-26, 32 s more
-# cold compilation; cuDNN's timed convolution algorithms and attention gained nothing then: see RESULTS.md)
-step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --contiguous-vae --compile-vae "$@"
-# with torch's compile log: what the warm restart spends its time on (16.6 s on 2026-11-26, 19.5 s on 2026-11-27
-# with a slow host; target 15 s)
+# with torch's compile log: what the warm restart spends its time on (16.4 s on 2026-11-27, 9.0 s of it dynamo
+# tracing the 16 block graphs again; target 15 s)
 step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --first-call "$@"
 if wanted cuda_tests; then
@@ -71,18 +61,12 @@ if wanted cuda_tests; then
         | tee "$WORK/cuda_tests.txt"
     pack
 fi
-# an experiment for the cold first call (99 s on 2026-11-26, target under 60 s): the UNet's distinct blocks compiled
-# by 4 worker processes at once into an empty cache, then the fast path's first call from it
-small=()
-[[ " $* " == *" --small "* ]] && small=(--small)
-step precompile_sd15 python3 -m benchmarks.precompile --workers 4 "${small[@]}"
-# SD 1.5's own scheduler, PNDM, read each step's timestep back from the GPU until its steps got it from a host
-# copy of the schedule: the GPU's idle time in its request (device_busy_ms against request_ms)
-step request_phases_sd15_pndm python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 5 \
-    --scheduler PNDM "$@"
+# the compile cache is warm now: where the compiled request's time goes, then with the VAE decoder's blocks
+# compiled too (21.7 ms against 30.5 ms eager on 2026-11-27, at 28 s more cold compilation)
+step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
+    --compile-vae "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 # SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
-# 1024x1024 0.2 s of it, 86 ms of that copies between memory formats), then the VAE out of channels_last
-step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant default --profile 30 \
-    --contiguous-vae "$@"
+# 1024x1024 0.2 s of it, 86 ms of that copies between memory formats, gone since the VAE left channels_last)
+step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant default --profile 30 "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"

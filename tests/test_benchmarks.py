@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from benchmarks import compile_regions, cpu_overhead, gpu_pipeline, precompile, request_phases, scheduler_steps
+from benchmarks import compile_regions, cpu_overhead, gpu_pipeline, request_phases, scheduler_steps
 from dreamsketch import fastpath
 from dreamsketch.schedulers import SCHEDULERS
 
@@ -141,15 +141,3 @@ def test_scheduler_steps_small_form_times_every_scheduler(capsys):
     calls = {name: figures["step_calls"] for name, figures in report["schedulers"].items()}
     assert calls["Euler a"] == 3 and calls["Heun"] == calls["DPM++ SDE Karras"] == 5  # two evaluations a step
     assert all(figures["steps_ms"] > 0 for figures in report["schedulers"].values())
-
-
-@pytest.mark.slow
-def test_precompile_workers_fill_the_cache_that_the_first_call_compiles_from(capsys, tmp_path, monkeypatch):
-    """Inductor on the CPU (the FX graph cache is inductor's), on an empty cache folder: every graph that the first
-    call needs was compiled by a worker (which blocks a worker saw before does not change its graphs)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    assert precompile.main(["--small", "--workers", "2"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["workers"] == 2 and report["compile_cache"] == str(tmp_path)
-    assert report["blocks"] > 0 and report["fxgraph_cache_miss"] == 0
-    assert report["fxgraph_cache_hit"] == report["blocks"]
