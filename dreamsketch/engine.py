@@ -356,11 +356,14 @@ def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # ty
     else:
         vae.disable_tiling()
     scaled = latents / vae.config.scaling_factor
+    dtype = vae.dtype
     try:
         return to_pictures(decode_pixels(vae, scaled))
     except torch.cuda.OutOfMemoryError:
-        if len(scaled) == 1:
-            raise
+        pass  # handled below, once the error no longer holds the failed decode's tensors
+    vae.to(dtype)  # run out of memory while converting it to fp32 or back, the VAE may be left half converted
+    if len(scaled) == 1:
+        raise torch.cuda.OutOfMemoryError("out of GPU memory decoding the picture")
     log.warning("out of GPU memory decoding %d pictures at once; decoding them one at a time", len(scaled))
     return [picture for one in scaled.split(1) for picture in to_pictures(decode_pixels(vae, one))]
 
@@ -373,8 +376,8 @@ def decode_pixels(vae, scaled: torch.Tensor) -> torch.Tensor:  # type: ignore[no
         if pixels is not None:
             log.warning("the %s VAE gave NaN or black pixels; decoding again in fp32", vae.dtype)
         original = vae.dtype
-        vae.to(torch.float32)
         try:
+            vae.to(torch.float32)
             pixels = vae.decode(scaled.float(), return_dict=False)[0]
         finally:
             vae.to(original)

@@ -400,34 +400,49 @@ def test_a_batch_whose_decoding_runs_out_of_memory_is_decoded_one_picture_at_a_t
     """Decoding takes the most memory of a request (8 SDXL pictures at 1024x1024: about 33 GB in fp32): the
     denoised batch is not thrown away and denoised again when decoding it all at once does not fit."""
     vae = engine.cache.get("tiny-demo").txt2img.vae
-    decode, decoded = vae.decode, []
+    decode, decoded, activations = vae.decode, [], []
 
     def one_picture_only(latents, **kwargs):
-        decoded.append(len(latents))
+        alive = [activation() is not None for activation in activations]
+        decoded.append((len(latents), alive))
         if len(latents) > 1:
+            activation = torch.ones(4)  # the failed call's tensors, held by the error's frames
+            activations.append(weakref.ref(activation))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return decode(latents, **kwargs)
 
     together = engine.generate(request(engine, batch_size=3))
     vae.decode = one_picture_only
     apart = engine.generate(request(engine, batch_size=3))
-    assert decoded == [3, 1, 1, 1]
+    assert decoded == [(3, []), (1, [False]), (1, [False]), (1, [False])]  # let go of before the first retry
     for made, expected in zip(apart.images, together.images, strict=True):
         assert np.abs(pixels(made) - pixels(expected)).max() <= 1
 
 
-def test_a_single_picture_whose_decoding_runs_out_of_memory_asks_for_smaller_work(engine):
+def test_a_single_picture_whose_decoding_runs_out_of_memory_asks_for_smaller_work(settings):
+    """Also when the fp32 VAE, after the failed decode, ran out of memory converting back to half precision: it was
+    left half converted, and every later request failed on mixed dtypes."""
+    engine = LocalEngine(dataclasses.replace(settings, dtype="bf16"), load_registry(settings.models_file))
     vae = engine.cache.get("tiny-demo").txt2img.vae
-    decoded = []
+    decode, to, decoded = vae.decode, vae.to, []
 
-    def out_of_memory(latents, **kwargs):
-        decoded.append(len(latents))
+    def nan_then_out_of_memory(latents, **kwargs):
+        decoded.append(vae.dtype)
+        if vae.dtype == torch.float32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return (torch.full_like(decode(latents, **kwargs)[0], float("nan")),)
+
+    def half_converted_once(dtype):  # converting back, while the failed decode's tensors are still held
+        vae.to = to
+        vae.decoder.to(dtype)  # the encoder stays in fp32
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    vae.decode = out_of_memory
+    vae.decode = nan_then_out_of_memory
+    vae.to = lambda dtype: half_converted_once(dtype) if dtype == torch.bfloat16 else to(dtype)
     with pytest.raises(GenerationError, match="lower the size or the batch size"):
         engine.generate(request(engine))
-    assert decoded == [1]
+    assert decoded == [torch.bfloat16, torch.float32]
+    assert {parameter.dtype for parameter in vae.parameters()} == {torch.bfloat16}
 
 
 def test_requests_merged_into_a_batch_too_big_for_the_device_run_again_alone(engine):
