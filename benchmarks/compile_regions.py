@@ -7,6 +7,7 @@ how far the output is from eager, and the time. Prints one JSON document.
     python -m benchmarks.compile_regions --backend inductor    # inductor's code generation too
     python -m benchmarks.compile_regions --small               # tiny UNets: checks the script itself
     python -m benchmarks.compile_regions --regions BasicTransformerBlock   # an experiment: other blocks compiled
+    python -m benchmarks.compile_regions --top-levels 2        # an experiment: the two top levels' blocks only
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ import json
 import sys
 import time
 from typing import Any
-from unittest import mock
 
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor import metrics
 
-from benchmarks.gpu_pipeline import add_regions_argument, build_pipeline, cases, unet_inputs
-from dreamsketch import fastpath
+from benchmarks.gpu_pipeline import add_regions_argument, build_pipeline, cases, compiled_regions, unet_inputs
 from dreamsketch.fastpath import apply_fast_path
 
 # (UNet batch, latent height, latent width): the first call compiles, the others must not (the last: a 64-pixel
@@ -76,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "compile_regions",
         "backend": args.backend,
         "regions": args.regions,
+        "top_levels": args.top_levels,
         "torch": torch.__version__,
     }
     torch._dynamo.reset()  # count from nothing compiled, whatever ran before in this process
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and case.family != args.only:
             continue
         pipe = build_pipeline(case, torch.device("cpu"), torch.float32)
-        with mock.patch.object(fastpath, "REGIONS", tuple(args.regions)):
+        with compiled_regions(args.regions, args.top_levels):
             report[case.name] = check(pipe, args.backend)
     print(json.dumps(report, indent=2))
     return 0

@@ -3,8 +3,9 @@
 # first, so that a call cut short by its time limit still leaves whole figures. The targets still open come first:
 # gpu_pipeline for SD 1.5 (0.3 s, now with the VAE in torch's default memory format; it also fills the compile
 # cache), the fast path's first call in a fresh process with that cache warm (15 s), the CUDA tests, where a
-# compiled SD 1.5 request's time goes (request_phases) with the compiled VAE decoder as an experiment; then SDXL,
-# whose targets are met: gpu_pipeline, request_phases of the default engine, the warm first call.
+# compiled SD 1.5 request's time goes (request_phases) with the compiled VAE decoder as an experiment, the fast path
+# with only the UNet's two top levels compiled (cold and warm first call); then SDXL, whose targets are met:
+# gpu_pipeline, request_phases of the default engine, the warm first call.
 # On 2026-11-27 (fourth run, an H100 with a fast host) SD 1.5's gpu_pipeline took 2.9 min, request_phases 1.4, the
 # warm first call 0.6, the CUDA tests 1.4, SDXL's gpu_pipeline 3.3 (--runs 3). Run it unpiped: a pipe (grep, tail)
 # holds back the last lines, and the reply's tail then hides which steps finished.
@@ -65,6 +66,13 @@ fi
 # compiled too (21.7 ms against 30.5 ms eager on 2026-11-27, at 28 s more cold compilation)
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
     --compile-vae "$@"
+# an experiment for the first-call targets (107.8 s cold, 16.4 s warm on 2026-11-27): only the blocks of the UNet's
+# two top levels compiled (fewer graphs to compile and trace; the deeper levels' small latents should gain least
+# from fused kernels), in a compile cache of its own: the cold first call and the request's time, then the warm first call
+top2=(env TORCHINDUCTOR_CACHE_DIR=/tmp/dreamsketch-cache-top2 python3 -m benchmarks.gpu_pipeline --only sd15 \
+    --top-levels 2)
+step gpu_pipeline_sd15_top2 "${top2[@]}" --variants dreamsketch_compile --concurrency "$@"
+step first_call_warm_sd15_top2 "${top2[@]}" --first-call "$@"
 step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
 # SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
 # 1024x1024 0.2 s of it, 86 ms of that copies between memory formats, gone since the VAE left channels_last)

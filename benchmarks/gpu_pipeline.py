@@ -12,6 +12,7 @@ real weights), fp16, 30 steps, CFG 7.5, batch 1. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -445,6 +446,31 @@ def add_regions_argument(parser: argparse.ArgumentParser) -> None:
         default=list(fastpath.REGIONS),
         help="block classes the fast path compiles (an experiment: the app compiles fastpath.REGIONS)",
     )
+    parser.add_argument(
+        "--top-levels",
+        type=int,
+        metavar="N",
+        help="compile only the blocks of the UNet's N top levels, the largest latents (an experiment: the app "
+        "compiles every level; SD 1.5 has 4)",
+    )
+
+
+def compiled_regions(regions: list[str], top_levels: int | None) -> contextlib.ExitStack:
+    """The fast path compiles `regions`, in the UNet's `top_levels` top levels only (None: every level)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(fastpath, "REGIONS", tuple(regions)))
+    if top_levels is not None:
+        compile_regions = fastpath.compile_regions
+
+        def top_levels_only(model: torch.nn.Module, backend: str) -> None:
+            compile_regions(model, backend)
+            if hasattr(model, "up_blocks"):  # the UNet: its deeper levels and middle block run eagerly
+                deeper = [*model.down_blocks[top_levels:], model.mid_block, *model.up_blocks[: -top_levels or None]]
+                for module in (module for block in deeper for module in block.modules()):
+                    module._compiled_call_impl = None  # what nn.Module.compile sets
+
+        stack.enter_context(mock.patch.object(fastpath, "compile_regions", top_levels_only))
+    return stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,13 +502,14 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.runs,
             "compile_backend": args.compile_backend,
             "compiled_regions": args.regions,
+            "compiled_top_levels": args.top_levels,
         },
         "models": {},
     }
     for case in cases(args.small):
         if args.only and case.family != args.only:
             continue
-        with mock.patch.object(fastpath, "REGIONS", tuple(args.regions)):
+        with compiled_regions(args.regions, args.top_levels):
             if args.first_call:
                 figures = {"dreamsketch_compile": first_call(case, device, dtype, args.compile_backend)}
             else:

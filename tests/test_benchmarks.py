@@ -60,6 +60,12 @@ def test_compile_regions_small_form_compiles_once_per_block_configuration(capsys
     transformers_only = json.loads(capsys.readouterr().out)
     assert transformers_only["regions"] == ["BasicTransformerBlock"]
     assert 0 < transformers_only["tiny-sd15_128"]["calls"][0]["graphs_compiled"] < all_regions
+    assert compile_regions.main(["--small", "--only", "sd15", "--top-levels", "1"]) == 0
+    top_level = json.loads(capsys.readouterr().out)["tiny-sd15_128"]
+    assert 0 < top_level["calls"][0]["graphs_compiled"] < all_regions
+    assert top_level["graphs_compiled_by_later_calls"] == 0
+    assert all(call["max_difference_vs_eager"] < 1e-4 for call in top_level["calls"])
+    assert fastpath.compile_regions.__name__ == "compile_regions"  # the experiment's choice is undone
 
 
 def check_model_figures(model):
