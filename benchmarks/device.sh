@@ -67,8 +67,9 @@ fi
 step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
     --compile-vae "$@"
 # an experiment for the first-call targets (107.8 s cold, 16.4 s warm on 2026-11-27): only the blocks of the UNet's
-# two top levels compiled (fewer graphs to compile and trace; the deeper levels' small latents should gain least
-# from fused kernels), in a compile cache of its own: the cold first call and the request's time, then the warm first call
+# two top levels compiled (10 graphs instead of 16 to compile and trace; the deeper levels' small latents should
+# gain least from fused kernels), in a compile cache of its own: the cold first call and the request's time, then
+# the warm first call
 top2=(env TORCHINDUCTOR_CACHE_DIR=/tmp/dreamsketch-cache-top2 python3 -m benchmarks.gpu_pipeline --only sd15 \
     --top-levels 2)
 step gpu_pipeline_sd15_top2 "${top2[@]}" --variants dreamsketch_compile --concurrency "$@"

@@ -361,7 +361,7 @@ def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # ty
         return to_pictures(decode_pixels(vae, scaled))
     except torch.cuda.OutOfMemoryError:
         pass  # handled below, once the error no longer holds the failed decode's tensors
-    vae.to(dtype)  # run out of memory while converting it to fp32 or back, the VAE may be left half converted
+    vae.to(dtype)  # out of memory while converting it to fp32 or back, the VAE may have been left half converted
     if len(scaled) == 1:
         raise torch.cuda.OutOfMemoryError("out of GPU memory decoding the picture")
     log.warning("out of GPU memory decoding %d pictures at once; decoding them one at a time", len(scaled))
