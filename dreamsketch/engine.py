@@ -348,8 +348,8 @@ class LocalEngine:
 
 
 def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # type: ignore[no-untyped-def]
-    """Latents to pictures; out of GPU memory for a batch, one picture at a time (decoding is a request's largest
-    use of memory: about 1 GB per 512x512 picture in fp32, 4 GB per SDXL picture at 1024x1024)."""
+    """Latents to pictures; out of GPU memory for a batch, one picture at a time (decoding a batch at once takes
+    about 1 GB per 512x512 picture in fp32, 4 GB per SDXL picture at 1024x1024)."""
     vae = pipe.vae
     if tiled:
         vae.enable_tiling()

@@ -397,8 +397,8 @@ def test_out_of_memory_is_handled_once_the_failed_call_has_let_go_of_its_tensors
 
 
 def test_a_batch_whose_decoding_runs_out_of_memory_is_decoded_one_picture_at_a_time(engine):
-    """Decoding takes the most memory of a request (8 SDXL pictures at 1024x1024: about 33 GB in fp32): the
-    denoised batch is not thrown away and denoised again when decoding it all at once does not fit."""
+    """Decoding a batch at once takes much memory (8 SDXL pictures at 1024x1024: about 33 GB in fp32): the denoised
+    batch is not thrown away and denoised again when decoding it all at once does not fit."""
     vae = engine.cache.get("tiny-demo").txt2img.vae
     decode, decoded, activations = vae.decode, [], []
 
