@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import diffusers.utils.logging
@@ -26,8 +27,10 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.loaders.single_file_utils import fetch_diffusers_config
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError, safe_open
 
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.fastpath import apply_fast_path, drop_graphs, warm_up
@@ -200,12 +203,28 @@ def weights_state(spec: ModelSpec) -> str:
 
 def config_available(spec: ModelSpec) -> bool:
     """Whether a single file's `config` can be read now. Without one, diffusers picks a Hub repo from the
-    checkpoint's contents and uses it when cached or downloadable; that is known only when loading."""
+    checkpoint's contents and uses it when cached or downloadable (for a .ckpt that is known only when loading)."""
     if spec.config is None:
-        return True
+        repo = inferred_config(spec.source)
+        return repo is None or is_cached(repo) or hub_reachable()
     if spec.config_kind == "folder":
         return is_diffusers_folder(spec.config)
     return is_cached(spec.config) or hub_reachable()
+
+
+def inferred_config(source: str) -> str | None:
+    """The Hub repo whose configs diffusers uses for a single .safetensors file without `config`, found as diffusers
+    finds it, from the names and shapes of the file's weights (its header: nothing is loaded). None for a .ckpt
+    (reading it means loading it) or a file whose header cannot be read (loading says why)."""
+    if not source.lower().endswith(".safetensors"):
+        return None
+    try:
+        with safe_open(source, framework="pt") as weights:
+            names = weights.keys()
+            header = {name: SimpleNamespace(shape=weights.get_slice(name).get_shape()) for name in names}
+    except (OSError, SafetensorError):
+        return None
+    return fetch_diffusers_config(header)["pretrained_model_name_or_path"]
 
 
 def unavailable_reason(spec: ModelSpec) -> str:
@@ -229,8 +248,10 @@ def configs_missing(spec: ModelSpec) -> str:
         return f"`config` ({spec.config}) is not a diffusers folder (model_index.json missing)"
     if spec.config_kind == "hub":
         return f"the configs of `config` ({spec.config}) are not in the local cache and {hub_unusable()}"
+    base = inferred_config(spec.source)
+    configs = f"the configs of {base}, whose architecture" if base else "the configs of the base model"
     return (
-        "without `config`, diffusers needs the configs of the base model it recognises in the checkpoint, "
+        f"without `config`, diffusers needs {configs} it recognises in the checkpoint, "
         f"which are not in the local cache, and {hub_unusable()}; set `config` to a local diffusers folder "
         "(or a cached Hub repo id) of the same architecture"
     )

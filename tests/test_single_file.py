@@ -120,7 +120,7 @@ def test_single_file_entry_draws_what_the_folder_draws(
 @pytest.mark.parametrize(
     "config, reason",
     [
-        (None, "without `config`, diffusers needs the configs of the base model"),
+        (None, "without `config`, diffusers needs the configs of stable-diffusion-v1-5/stable-diffusion-v1-5, whose"),
         ("nobody-here/not-cached", "the configs of `config` (nobody-here/not-cached) are not in the local cache"),
     ],
 )
@@ -133,7 +133,8 @@ def test_single_file_without_configs_offline_says_what_to_do(
         [entry("tiny-file", str(checkpoints[".safetensors"]), **extra), entry("tiny-demo", "builtin:tiny")],
     )
     studio = Studio(dataclasses.replace(settings, models_file=registry))
-    assert is_available(studio.registry.get("tiny-file")) == (config is None)  # a guess is only tried when loading
+    assert not is_available(studio.registry.get("tiny-file"))
+    assert studio.models()[0]["available"] is False
     with pytest.raises(ModelUnavailableError) as error:
         studio.generate(studio.parse({"prompt": "a fox", "model_id": "tiny-file"}, "txt2img"))
     message = str(error.value)
@@ -141,6 +142,34 @@ def test_single_file_without_configs_offline_says_what_to_do(
         assert needed in message
     assert "Traceback" not in message
     assert studio.engine.loaded_ids() == [] and studio.gallery.count() == 0
+
+
+def test_single_file_without_config_is_ready_offline_where_its_base_models_configs_are_cached(
+    settings, tmp_path, empty_hf_home, config_dir, tiny_pipeline_dir, checkpoints
+):
+    """diffusers takes the configs of the base model it recognises in a checkpoint without `config` (SD 1.5's repo
+    for this one): the model was listed ready offline whether or not they were in the cache, and failed to load."""
+    registry = write_registry(
+        tmp_path / "single.yaml",
+        [entry("tiny-file", str(checkpoints[".safetensors"])), entry("tiny-folder", str(tiny_pipeline_dir))],
+    )
+    lay_into_hub_cache(config_dir, empty_hf_home, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    studio = Studio(dataclasses.replace(settings, models_file=registry, default_model=None))
+    assert is_available(studio.registry.get("tiny-file")) and studio.default_model == "tiny-file"
+    pictures, _ = generate(studio, "tiny-file")
+    folder_pictures, _ = generate(studio, "tiny-folder")
+    assert all(np.array_equal(a, b) for a, b in zip(pictures, folder_pictures, strict=True))
+
+
+def test_a_ckpt_without_config_is_tried_when_loading(settings, tmp_path, empty_hf_home, checkpoints):
+    """Which configs diffusers would take for a .ckpt is known only by loading it (a pickle, not a header)."""
+    registry = write_registry(
+        tmp_path / "single.yaml", [entry("tiny-file", str(checkpoints[".ckpt"])), entry("tiny-demo", "builtin:tiny")]
+    )
+    studio = Studio(dataclasses.replace(settings, models_file=registry))
+    assert is_available(studio.registry.get("tiny-file"))
+    with pytest.raises(ModelUnavailableError, match="without `config`, diffusers needs the configs of the base model"):
+        studio.generate(studio.parse({"prompt": "a fox", "model_id": "tiny-file"}, "txt2img"))
 
 
 def test_checkpoint_that_does_not_fit_its_config_names_both(settings, tmp_path, config_dir, checkpoints):
