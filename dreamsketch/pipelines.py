@@ -224,7 +224,11 @@ def inferred_config(source: str) -> str | None:
             header = {name: SimpleNamespace(shape=weights.get_slice(name).get_shape()) for name in names}
     except (OSError, SafetensorError):
         return None
-    return fetch_diffusers_config(header)["pretrained_model_name_or_path"]
+    try:
+        return str(fetch_diffusers_config(header)["pretrained_model_name_or_path"])
+    except Exception:  # diffusers' guess meets weights of other models than it expects (KeyError, ValueError, ...)
+        log.warning("could not tell which base model %s is", source, exc_info=True)
+        return None
 
 
 def unavailable_reason(spec: ModelSpec) -> str:

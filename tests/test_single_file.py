@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.loaders.single_file_utils import fetch_diffusers_config
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dreamsketch.engine import LocalEngine
 from dreamsketch.gallery import read_parameters
-from dreamsketch.pipelines import ModelUnavailableError, hub_offline, is_available
+from dreamsketch.pipelines import ModelUnavailableError, hub_offline, inferred_config, is_available
 from dreamsketch.registry import load_registry
 from dreamsketch.studio import Studio
 from dreamsketch.tiny import build_tiny_sdxl_pipeline
@@ -159,6 +160,25 @@ def test_single_file_without_config_is_ready_offline_where_its_base_models_confi
     pictures, _ = generate(studio, "tiny-file")
     folder_pictures, _ = generate(studio, "tiny-folder")
     assert all(np.array_equal(a, b) for a, b in zip(pictures, folder_pictures, strict=True))
+
+
+@pytest.mark.parametrize(
+    "weights, repo",
+    [
+        ({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}, "2-1"),
+        ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}, "xl-base"),
+        # an SD3-like file of a size diffusers' guess does not know: it fails (UnboundLocalError)
+        ({"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), "pos_embed": (1, 7, 4)}, None),
+    ],
+)
+def test_the_base_model_is_read_from_the_header_as_diffusers_reads_it_from_the_weights(tmp_path, weights, repo):
+    path = tmp_path / "model.safetensors"
+    save_file({name: torch.zeros(shape) for name, shape in weights.items()}, path)
+    if repo is None:
+        assert inferred_config(str(path)) is None  # loading says what is wrong
+        return
+    assert inferred_config(str(path)) == fetch_diffusers_config(load_file(path))["pretrained_model_name_or_path"]
+    assert repo in inferred_config(str(path))
 
 
 def test_a_ckpt_without_config_is_tried_when_loading(settings, tmp_path, empty_hf_home, checkpoints):
