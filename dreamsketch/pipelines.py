@@ -181,7 +181,7 @@ def is_available(spec: ModelSpec) -> bool:
     if kind == "folder":
         return is_diffusers_folder(spec.source) and not missing_components(Path(spec.source))
     if kind == "single_file":
-        return Path(spec.source).is_file() and config_available(spec)
+        return Path(spec.source).is_file() and not unreadable(spec) and config_available(spec)
     return complete_snapshot(spec.source) or hub_reachable()
 
 
@@ -198,7 +198,9 @@ def weights_state(spec: ModelSpec) -> str:
         return "partly cached, Hub offline" if is_cached(spec.source) else "not cached, Hub offline"
     if is_available(spec):
         return "ready offline"
-    return "configs not found" if Path(spec.source).exists() else "missing"
+    if not Path(spec.source).exists():
+        return "missing"
+    return "damaged" if spec.source_kind == "single_file" and unreadable(spec) else "configs not found"
 
 
 def config_available(spec: ModelSpec) -> bool:
@@ -212,17 +214,28 @@ def config_available(spec: ModelSpec) -> bool:
     return is_cached(spec.config) or hub_reachable()
 
 
-def inferred_config(source: str) -> str | None:
-    """The Hub repo whose configs diffusers uses for a single .safetensors file without `config`, found as diffusers
-    finds it, from the names and shapes of the file's weights (its header: nothing is loaded). None for a .ckpt
-    (reading it means loading it) or a file whose header cannot be read (loading says why)."""
-    if not source.lower().endswith(".safetensors"):
-        return None
+def safetensors_header(source: str) -> dict[str, SimpleNamespace] | None:
+    """The names and shapes of a .safetensors file's weights, read from its header (nothing is loaded); None where
+    the file cannot be read as one (cut short by an interrupted download, or another format)."""
     try:
         with safe_open(source, framework="pt") as weights:
             names = weights.keys()
-            header = {name: SimpleNamespace(shape=weights.get_slice(name).get_shape()) for name in names}
+            return {name: SimpleNamespace(shape=weights.get_slice(name).get_shape()) for name in names}
     except (OSError, SafetensorError):
+        return None
+
+
+def unreadable(spec: ModelSpec) -> bool:
+    """A single .safetensors file that cannot be read as one (what a .ckpt holds is known only when loading it)."""
+    return spec.source.lower().endswith(".safetensors") and safetensors_header(spec.source) is None
+
+
+def inferred_config(source: str) -> str | None:
+    """The Hub repo whose configs diffusers uses for a single .safetensors file without `config`, found as diffusers
+    finds it, from the names and shapes of the file's weights. None for a .ckpt (reading it means loading it) or a
+    file diffusers' guess cannot place (loading says why)."""
+    header = safetensors_header(source) if source.lower().endswith(".safetensors") else None
+    if header is None:
         return None
     try:
         return str(fetch_diffusers_config(header)["pretrained_model_name_or_path"])
@@ -243,6 +256,8 @@ def unavailable_reason(spec: ModelSpec) -> str:
         return f"the folder lacks its {', '.join(missing_components(Path(spec.source)))}"
     if spec.source_kind != "single_file" or not Path(spec.source).is_file():
         return "the weights are not where `source` points"
+    if unreadable(spec):
+        return "the file cannot be read as .safetensors (cut short by an interrupted download?)"
     return configs_missing(spec)
 
 

@@ -181,6 +181,26 @@ def test_the_base_model_is_read_from_the_header_as_diffusers_reads_it_from_the_w
     assert repo in inferred_config(str(path))
 
 
+def test_a_safetensors_file_cut_short_is_listed_damaged_not_ready(settings, tmp_path, config_dir, checkpoints):
+    """An interrupted download: the file's header names more bytes than the file has. It was listed ready offline
+    and could be chosen as the default model."""
+    whole = checkpoints[".safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    registry = write_registry(
+        tmp_path / "single.yaml",
+        [
+            entry("cut-file", str(tmp_path / "cut.safetensors"), config=str(config_dir)),
+            entry("tiny-demo", "builtin:tiny"),
+        ],
+    )
+    studio = Studio(dataclasses.replace(settings, models_file=registry, default_model=None))
+    assert studio.default_model == "tiny-demo"
+    assert studio.engine.model_state(studio.registry.get("cut-file")) == ("damaged", False)
+    with pytest.raises(ModelUnavailableError, match="'cut-file'.*cannot be read as .safetensors"):
+        studio.generate(studio.parse({"prompt": "a fox", "model_id": "cut-file"}, "txt2img"))
+    assert studio.engine.loaded_ids() == [] and studio.gallery.count() == 0
+
+
 def test_a_ckpt_without_config_is_tried_when_loading(settings, tmp_path, empty_hf_home, checkpoints):
     """Which configs diffusers would take for a .ckpt is known only by loading it (a pickle, not a header)."""
     registry = write_registry(
