@@ -106,13 +106,20 @@ def replay_as_graphs(pipe: Any) -> None:
 
 
 def drop_graphs(pipe: Any) -> bool:
-    """Drop the CUDA graphs `pipe`'s models captured, and the memory they keep; each shape is captured again at its
-    next call. Whether there were any."""
+    """Drop the CUDA graphs `pipe`'s models captured (the memory they keep goes back at the next free_memory());
+    each shape is captured again at its next call. Whether there were any."""
     wrappers = [model.forward for model in graphed_models(pipe) if isinstance(model.forward, CudaGraphs)]
     captured = any(graph is not None for wrapper in wrappers for graph in wrapper.graphs.values())
     for wrapper in wrappers:
         wrapper.drop()
     return captured
+
+
+def free_memory() -> None:
+    """Give back what nothing holds any more: Python's reference cycles, then the CUDA caching allocator's blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def compile_regions(model: torch.nn.Module, backend: str) -> None:
@@ -214,12 +221,11 @@ class CudaGraphs:
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
 
     def drop(self) -> None:
-        """Forget every graph, and give back the memory they keep (a new pool: capturing into the pool of dropped
-        graphs failed an internal assertion of torch 2.11's caching allocator on an H100)."""
+        """Forget every graph; the memory they keep goes back at the next free_memory() (new graphs get a new pool:
+        capturing into the pool of dropped graphs failed an internal assertion of torch 2.11's caching allocator on
+        an H100)."""
         self.graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
-        gc.collect()
-        torch.cuda.empty_cache()
 
     def capture(self, leaves: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any] | None:
         """The graph, its input tensors and its output; None (this signature runs eagerly) if it cannot be
@@ -236,6 +242,7 @@ class CudaGraphs:
         if captured is None:
             log.warning("out of GPU memory while capturing a CUDA graph of %s: its graphs are dropped", self.name)
             self.drop()
+            free_memory()
             return None
         shape = next(tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor))
         what = f"a CUDA graph of {self.name} for {shape}"

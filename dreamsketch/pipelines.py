@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors import SafetensorError, safe_open
 
 from dreamsketch.config import Settings, SettingsError
-from dreamsketch.fastpath import apply_fast_path, drop_graphs, warm_up
+from dreamsketch.fastpath import apply_fast_path, drop_graphs, free_memory, warm_up
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
 from dreamsketch.schedulers import make_scheduler
 from dreamsketch.tiny import build_tiny_pipeline
@@ -488,9 +487,3 @@ def quiet_model_loading() -> None:
     transformers.utils.logging.disable_progress_bar()  # also turns off the Hub's bars
     if downloads_shown:
         huggingface_hub.utils.enable_progress_bars()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
