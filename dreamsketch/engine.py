@@ -285,8 +285,7 @@ class LocalEngine:
         elif again and dropped_graphs:
             self._run_batch(jobs, again=False)
         else:
-            size = f"{request.width}x{request.height}, batch size {request.batch_size}"
-            jobs[0].finish(error=GenerationError(f"Out of GPU memory at {size}: lower the size or the batch size."))
+            jobs[0].finish(error=GenerationError(out_of_memory_message(request)))
 
     def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
         first = jobs[0].request
@@ -345,6 +344,13 @@ class LocalEngine:
             if not job.done.is_set():
                 warnings = prompt_warnings(pipe, job.request)
                 job.finish(Generation(job.request, images[span], job.request.image_seeds(), name, warnings))
+
+
+def out_of_memory_message(request: GenerationRequest) -> str:
+    size = f"{request.width}x{request.height}"
+    if request.batch_size == 1:
+        return f"Out of GPU memory at {size}: lower the size."
+    return f"Out of GPU memory at {size}, batch size {request.batch_size}: lower the size or the batch size."
 
 
 def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # type: ignore[no-untyped-def]

@@ -391,7 +391,7 @@ def test_out_of_memory_is_handled_once_the_failed_call_has_let_go_of_its_tensors
         engine.cache, "free_memory", lambda: alive_when_freeing.append(activations[0]() is not None) or release()
     )
     unet.forward = fail_once
-    with pytest.raises(GenerationError, match="lower the size or the batch size"):
+    with pytest.raises(GenerationError, match=r"^Out of GPU memory at 128x128: lower the size\.$"):
         engine.generate(request(engine))
     assert alive_when_freeing == [False]
 
@@ -439,7 +439,7 @@ def test_a_single_picture_whose_decoding_runs_out_of_memory_asks_for_smaller_wor
 
     vae.decode = nan_then_out_of_memory
     vae.to = lambda dtype: half_converted_once(dtype) if dtype == torch.bfloat16 else to(dtype)
-    with pytest.raises(GenerationError, match="lower the size or the batch size"):
+    with pytest.raises(GenerationError, match=r"^Out of GPU memory at 128x128: lower the size\.$"):
         engine.generate(request(engine))
     assert decoded == [torch.bfloat16, torch.float32]
     assert {parameter.dtype for parameter in vae.parameters()} == {torch.bfloat16}
