@@ -196,21 +196,27 @@ def weights_state(spec: ModelSpec) -> str:
             return "needs download"
         return "partly cached, Hub offline" if is_cached(spec.source) else "not cached, Hub offline"
     if is_available(spec):
-        return "ready offline"
+        return "needs download" if spec.source_kind == "single_file" and not config_cached(spec) else "ready offline"
     if not Path(spec.source).exists():
         return "missing"
     return "damaged" if spec.source_kind == "single_file" and unreadable(spec) else "configs not found"
 
 
 def config_available(spec: ModelSpec) -> bool:
-    """Whether a single file's `config` can be read now. Without one, diffusers picks a Hub repo from the
-    checkpoint's contents and uses it when cached or downloadable (for a .ckpt that is known only when loading)."""
+    """Whether a single file's configs can be read now: on this machine, or from the Hub."""
+    return config_cached(spec) or (spec.config_kind != "folder" and hub_reachable())
+
+
+def config_cached(spec: ModelSpec) -> bool:
+    """Whether a single file's configs are on this machine: its `config` folder, or the local cache of its `config`
+    repo. Without `config`, diffusers picks a Hub repo from the checkpoint's contents (for a .ckpt that is known only
+    when loading)."""
     if spec.config is None:
         repo = inferred_config(spec.source)
-        return repo is None or is_cached(repo) or hub_reachable()
+        return repo is None or is_cached(repo)
     if spec.config_kind == "folder":
         return is_diffusers_folder(spec.config)
-    return is_cached(spec.config) or hub_reachable()
+    return is_cached(spec.config)
 
 
 def safetensors_header(source: str) -> dict[str, SimpleNamespace] | None:

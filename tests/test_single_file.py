@@ -12,6 +12,7 @@ from diffusers.loaders.single_file_utils import fetch_diffusers_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import dreamsketch.pipelines
 from dreamsketch.engine import LocalEngine
 from dreamsketch.gallery import read_parameters
 from dreamsketch.pipelines import ModelUnavailableError, hub_offline, inferred_config, is_available
@@ -160,6 +161,29 @@ def test_single_file_without_config_is_ready_offline_where_its_base_models_confi
     pictures, _ = generate(studio, "tiny-file")
     folder_pictures, _ = generate(studio, "tiny-folder")
     assert all(np.array_equal(a, b) for a, b in zip(pictures, folder_pictures, strict=True))
+
+
+def test_single_file_whose_configs_come_from_the_hub_is_listed_as_needing_a_download(
+    settings, tmp_path, empty_hf_home, config_dir, checkpoints, monkeypatch
+):
+    """It was listed "ready offline" while the Hub was reachable, though loading it downloads its configs."""
+    single_file = str(checkpoints[".safetensors"])
+    models = [
+        entry("no-config", single_file),
+        entry("hub-config", single_file, config="nobody-here/not-cached"),
+        entry("folder-config", single_file, config=str(config_dir)),
+        entry("tiny-demo", "builtin:tiny"),
+    ]
+    studio = Studio(dataclasses.replace(settings, models_file=write_registry(tmp_path / "single.yaml", models)))
+    monkeypatch.setattr(dreamsketch.pipelines, "hub_reachable", lambda: True)
+    assert {m["id"]: (m["weights"], m["available"]) for m in studio.models()} == {
+        "no-config": ("needs download", True),
+        "hub-config": ("needs download", True),
+        "folder-config": ("ready offline", True),
+        "tiny-demo": ("ready offline", True),
+    }
+    lay_into_hub_cache(config_dir, empty_hf_home, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert {m["id"]: m["weights"] for m in studio.models()}["no-config"] == "ready offline"
 
 
 @pytest.mark.parametrize(
