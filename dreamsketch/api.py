@@ -18,7 +18,7 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -31,7 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
-from starlette.routing import Match
+from starlette.routing import Match, Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from dreamsketch import __version__
 from dreamsketch.engine import GenerationCancelled, GenerationError
@@ -60,11 +61,10 @@ RESULTS_DEFAULT, RESULTS_MAX = 20, 100
 API_PREFIXES = ("/api", "/media")
 INT_FIELDS = ("width", "height", "steps", "seed", "batch_size")
 FLOAT_FIELDS = ("guidance_scale", "strength")
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 INTERNAL_ERROR = "internal server error; the details are in the server log"
 MIN_SCRUBBED_CHARS = 4
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
-_DIGITS = re.compile(r"[0-9]{1,6}")
+_DIGITS = re.compile(r"0*[0-9]{1,6}")
 _HOST = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")  # a name, IPv4 or [IPv6], and a port
 _INTEGER = re.compile(r"[-+]?[0-9]+")
 _NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # as HTML forms and curl users write
@@ -138,19 +138,28 @@ class _Routes:
 
     def register(self) -> None:
         self._add("/api/health", self.health, "GET", schema=ok_schema())
-        self._add("/api/status", self.status, "GET", schema=object_schema())
-        self._add("/api/models", self.models, "GET", schema=object_schema())
-        self._add("/api/txt2img", self.txt2img, "POST", schema=generation_schema(), body=txt2img_body(self.studio))
-        self._add("/api/img2img", self.img2img, "POST", schema=generation_schema(), body=img2img_body(self.studio))
-        self._add("/api/results", self.results, "GET", schema=object_schema(), extra=results_parameters())
+        self._add("/api/status", self.status, "GET", schema=object_schema(), errors=(500,))
+        self._add("/api/models", self.models, "GET", schema=object_schema(), errors=(500,))
+        for mode, endpoint, body in (("txt2img", self.txt2img, txt2img_body), ("img2img", self.img2img, img2img_body)):
+            self._add(
+                f"/api/{mode}",
+                endpoint,
+                "POST",
+                schema=generation_schema(),
+                body=body(self.studio),
+                errors=GENERATION_ERRORS,
+            )
+        results = results_parameters()
+        self._add("/api/results", self.results, "GET", schema=object_schema(), extra=results, errors=(400, 500))
         media: dict[str, Any] = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
-        self._add("/media/generated/{file_name}", self.media, "GET", response=media, name="media_file")
+        media_path = "/media/generated/{file_name}"
+        self._add(
+            media_path, self.media, "GET", response=media, extra=file_name_parameter(), errors=(404,), name="media_file"
+        )
         self._add("/api/openapi.json", self.openapi, "GET", in_schema=False)
         self._add("/api/docs", self.docs, "GET", in_schema=False)
         for path in ("/api", "/api/{rest:path}", "/media", "/media/{rest:path}"):
-            self.app.add_api_route(
-                path, self.not_found, methods=ALL_METHODS, include_in_schema=False, dependencies=self.dependencies
-            )
+            self.app.router.routes.append(Route(path, EveryMethod(self.not_found), include_in_schema=False))
 
     def _add(
         self,
@@ -162,21 +171,27 @@ class _Routes:
         response: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        errors: tuple[int, ...] = (),
         name: str | None = None,
         in_schema: bool = True,
     ) -> None:
-        """Register `path` and `path/` (the slash variant left out of the OpenAPI document)."""
+        """Register `path` and `path/` (the slash variant left out of the OpenAPI document), and for a GET also
+        HEAD (left out too). `errors`: the error statuses the endpoint answers with."""
         ok = response or {"content": {"application/json": {"schema": schema or {}}}}
         openapi_extra = {**(extra or {}), **({"requestBody": body} if body else {})}
-        for variant, published in ((path, in_schema), (path + "/", False)):
+        errors += (401,) if self.dependencies else ()
+        variants = [(path, [method], in_schema), (path + "/", [method], False)]
+        if method == "GET":
+            variants += [(path, ["HEAD"], False), (path + "/", ["HEAD"], False)]
+        for variant, methods, published in variants:
             self.app.add_api_route(
                 variant,
                 endpoint,
-                methods=[method],
-                name=name if variant == path else None,
+                methods=methods,
+                name=name if (variant, methods) == (path, [method]) else None,
                 include_in_schema=published,
                 dependencies=self.dependencies,
-                responses={200: ok, **error_responses(bool(self.dependencies))},
+                responses={200: ok, **error_responses(errors)},
                 openapi_extra=openapi_extra or None,
             )
 
@@ -230,8 +245,8 @@ class _Routes:
         entries = self.studio.gallery.list(limit=limit)
         return JSONResponse({"status": "success", "results": [result_item(request, entry) for entry in entries]})
 
-    def media(self, file_name: str) -> FileResponse:
-        path = self.studio.gallery.file_path(file_name)
+    def media(self, request: Request) -> FileResponse:
+        path = self.studio.gallery.file_path(request.path_params["file_name"])
         if path is None:
             raise ApiError(404, "not found")
         return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
@@ -247,7 +262,10 @@ class _Routes:
         return HTMLResponse(page.replace("</body>", f"{note}</body>"))
 
     async def not_found(self, request: Request) -> Response:
-        """Any other /api or /media path: 405 where another method would match, else 404 (never Gradio's)."""
+        """Any other /api or /media path or method: 405 where another method would match, else 404 (never
+        Gradio's)."""
+        if self.studio.settings.auth is not None:
+            require_auth(request, self.studio.settings.auth)
         allowed: set[str] = set()
         for route in self.app.router.routes:
             match, _ = route.matches(request.scope)
@@ -256,6 +274,17 @@ class _Routes:
         if allowed:
             return error_reply(405, "method not allowed", {"Allow": ", ".join(sorted(allowed))})
         return error_reply(404, "not found")
+
+
+class EveryMethod:
+    """A request-response endpoint as an ASGI app, which a route answers for every method, unknown ones too
+    (Starlette routes a plain function for GET and HEAD only, and Gradio's app below would answer the rest)."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = request_response(endpoint)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,10 +318,19 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _whole_number(text: str) -> int | float:
+    """A JSON integer; one of more digits than int() reads (4,300) as the infinity it is near, which the request's
+    checks refuse by field, as they refuse 1e400."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """A JSON object; NaN/Infinity literals, bad UTF-8 and other non-JSON are refused."""
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body, parse_constant=_no_constant, parse_int=_whole_number)
     except (ValueError, RecursionError):
         raise ApiError(400, "body: not valid JSON") from None
     if not isinstance(value, dict):
@@ -395,10 +433,14 @@ def _auth_dependencies(auth: tuple[str, str] | None) -> list[Any]:
     basic = HTTPBasic(auto_error=False, realm="DreamSketch")
 
     async def check(request: Request) -> None:
-        if not basic_auth_ok(request.headers.get("authorization"), auth):
-            raise ApiError(401, "authentication required", {"WWW-Authenticate": 'Basic realm="DreamSketch"'})
+        require_auth(request, auth)
 
     return [Depends(basic), Depends(check)]
+
+
+def require_auth(request: Request, auth: tuple[str, str]) -> None:
+    if not basic_auth_ok(request.headers.get("authorization"), auth):
+        raise ApiError(401, "authentication required", {"WWW-Authenticate": 'Basic realm="DreamSketch"'})
 
 
 def basic_auth_ok(authorization: str | None, auth: tuple[str, str]) -> bool:
@@ -514,6 +556,12 @@ def img2img_body(studio: Studio) -> dict[str, Any]:
     }
 
 
+def file_name_parameter() -> dict[str, Any]:
+    """The media path's parameter, described by hand: as a parameter of the endpoint FastAPI would publish a 422
+    reply, which the server never gives."""
+    return {"parameters": [{"name": "file_name", "in": "path", "required": True, "schema": {"type": "string"}}]}
+
+
 def results_parameters() -> dict[str, Any]:
     limit = {"type": "integer", "minimum": 1, "maximum": RESULTS_MAX, "default": RESULTS_DEFAULT}
     return {"parameters": [{"name": "limit", "in": "query", "required": False, "schema": limit}]}
@@ -556,24 +604,25 @@ def generation_schema() -> dict[str, Any]:
     }
 
 
-def error_responses(with_auth: bool) -> dict[int | str, dict[str, Any]]:
+ERRORS = {
+    400: "the request breaks a rule (the message names the field)",
+    401: "credentials missing or wrong",
+    404: "not found",
+    409: "generation cancelled",
+    413: "body too large",
+    415: "unsupported content type",
+    500: "the generation or the server failed",
+    502: "the Inference API failed (USE_LOCAL_MODELS=false)",
+    503: "model unavailable or the studio is busy",
+}
+GENERATION_ERRORS = (400, 409, 413, 415, 500, 502, 503)
+
+
+def error_responses(codes: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
     error = {
         "type": "object",
         "properties": {"status": {"const": "error"}, "error": {"type": "string"}},
         "required": ["status", "error"],
     }
     reply = {"content": {"application/json": {"schema": error}}}
-    codes = {
-        400: "the request breaks a rule (the message names the field)",
-        404: "not found",
-        405: "method not allowed",
-        409: "generation cancelled",
-        413: "body too large",
-        415: "unsupported content type",
-        500: "generation failed",
-        502: "the Inference API failed (USE_LOCAL_MODELS=false)",
-        503: "model unavailable or the studio is busy",
-    }
-    if with_auth:
-        codes[401] = "credentials missing or wrong"
-    return {code: {"description": text, **reply} for code, text in sorted(codes.items())}
+    return {code: {"description": ERRORS[code], **reply} for code in sorted(codes)}

@@ -491,10 +491,24 @@ def brief(exc: BaseException) -> str:
 
 def quiet_model_loading() -> None:
     """No "Loading pipeline components" (diffusers) or "Loading weights" (transformers) bars in this process
-    (they cut into the log and the CLI's own progress bar).
+    (they cut into the log and the CLI's own progress bar), and no diffusers warning of a prompt cut at the text
+    encoder's length: the engine says that to the caller in its own words (which the CLI prints).
     The Hub's download bars stay as they were: a first download still shows its progress."""
     downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()  # also turns off the Hub's bars
     if downloads_shown:
         huggingface_hub.utils.enable_progress_bars()
+    modules = {cls.__module__ for classes in PIPELINE_CLASSES.values() for cls in classes}
+    for module in (*modules, "transformers.tokenization_utils_base"):
+        logging.getLogger(module).addFilter(without_prompt_cut_warnings)
+
+
+PROMPT_CUT_WARNINGS = (
+    "was truncated because CLIP can only handle",  # diffusers
+    "Token indices sequence length is longer than the specified maximum",  # transformers, as diffusers measures it
+)
+
+
+def without_prompt_cut_warnings(record: logging.LogRecord) -> bool:
+    return not any(warning in record.getMessage() for warning in PROMPT_CUT_WARNINGS)

@@ -209,7 +209,7 @@ def _check_area(spec: ModelSpec, width: int, height: int) -> None:
     limit = MAX_AREA_FACTOR * spec.native_area
     if width * height > limit:
         raise RequestError(
-            "width",
+            "height" if height * spec.width > width * spec.height else "width",  # the one further past its own
             f"width*height must be at most {MAX_AREA_FACTOR}x the model's native area "
             f"({spec.width}x{spec.height}): {width}x{height} is too large",
         )

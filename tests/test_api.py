@@ -126,6 +126,14 @@ def test_openapi_lists_the_paths_and_docs_are_served(client: httpx.Client) -> No
     assert body["properties"]["model_id"]["enum"][:2] == ["tiny-demo", "uncached-hub"]
     img2img = spec["paths"]["/api/img2img"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(img2img)
+    responses = {
+        (path, method): set(operation["responses"])
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+    }
+    assert responses[("/api/health", "get")] == {"200"}
+    assert responses[("/media/generated/{file_name}", "get")] == {"200", "404"}  # 404 only, no FastAPI 422
+    assert responses[("/api/txt2img", "post")] == {"200", "400", "409", "413", "415", "500", "502", "503"}
     docs = client.get("/api/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
@@ -135,9 +143,21 @@ def test_unknown_paths_and_methods_answer_json(client: httpx.Client) -> None:
     assert_error(client.get("/media/other/x.png"), 404)
     response = client.post("/api/health")
     assert_error(response, 405)
-    assert response.headers["allow"] == "GET"
+    assert response.headers["allow"] == "GET, HEAD"
     assert_error(client.get("/api/txt2img"), 405)
+    for method in ("TRACE", "FOO"):  # methods no route has
+        response = client.request(method, "/api/status")
+        assert_error(response, 405)
+        assert response.headers["allow"] == "GET, HEAD"
+        assert_error(client.request(method, "/media/nothing-here"), 404)
     assert client.get("/").status_code == 404  # "/" is left for the Gradio UI
+
+
+@pytest.mark.parametrize("path", ["/api/health", "/api/status/", "/api/models", "/api/results?limit=1"])
+def test_head_answers_where_get_does(client: httpx.Client, path: str) -> None:
+    response = client.head(path)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.content == b""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +326,7 @@ def test_results_newest_first_and_limit(client: httpx.Client) -> None:
     assert ids == sorted(ids, reverse=True) and len(results) <= 20
     assert len(client.get("/api/results/", params={"limit": 1}).json()["results"]) == 1
     assert client.get("/api/results?limit=100").status_code == 200
+    assert len(client.get("/api/results?limit=0000001").json()["results"]) == 1
     for bad in ("0", "101", "abc", "-1", "1.5", "", " 5"):
         assert_error(client.get("/api/results", params={"limit": bad}), 400, "limit")
     assert_error(client.get("/api/results?limit=1&limit=2"), 400, "limit")
@@ -339,6 +360,14 @@ REFUSED: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("width small", "/api/txt2img", {"json": {"width": 56}}, 400, "field 'width'"),
     ("height big", "/api/txt2img", {"json": {"height": 2056}}, 400, "field 'height'"),
     ("area", "/api/txt2img", {"json": {"width": 512, "height": 512}}, 400, "native area"),
+    ("area by height", "/api/txt2img", {"json": {"width": 64, "height": 1032}}, 400, "field 'height': width*height"),
+    (
+        "steps of 5,000 digits",
+        "/api/txt2img",
+        {"content": b'{"steps": ' + b"9" * 5000 + b"}", "json_type": True},
+        400,
+        "field 'steps'",
+    ),
     ("steps 0", "/api/txt2img", {"json": {"steps": 0}}, 400, "field 'steps'"),
     ("steps 151", "/api/txt2img", {"json": {"steps": 151}}, 400, "field 'steps'"),
     ("guidance -1", "/api/txt2img", {"json": {"guidance_scale": -1}}, 400, "field 'guidance_scale'"),

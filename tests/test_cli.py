@@ -253,6 +253,15 @@ def test_every_option_has_help_with_its_bounds():
     assert "GRADIO_SERVER_NAME" in serve and "GRADIO_SERVER_PORT" in serve and "127.0.0.1:7860" in serve
 
 
+def test_a_prompt_past_the_text_encoders_length_is_reported_once(tmp_path):
+    """diffusers' and transformers' own warnings of the cut were printed as well, in other words."""
+    args = ["generate", "a red fox in the snow " * 20, "--model", "tiny-demo", "--steps", "1", "--output", "x.png"]
+    done = run_cli(tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert "truncated" not in done.stderr and "sequence length" not in done.stderr, done.stderr
+    assert done.stderr.count("warning: prompt is 320 tokens; the text encoder reads 75") == 1, done.stderr
+
+
 def test_model_loading_shows_no_progress_bars_of_its_own(tmp_path):
     """tiny-shapes is a diffusers folder: diffusers and transformers would draw loading bars into generate's."""
     done = run_cli(tmp_path, "generate", "x", "--model", "tiny-shapes", "--steps", "2", "--output", "x.png")
