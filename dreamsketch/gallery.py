@@ -396,7 +396,8 @@ class Gallery:
         except GalleryError:  # the index was lost and could not be rebuilt
             raise
         except (OSError, sqlite3.Error) as error:
-            raise GalleryError(f"could not save image to {self.folder}: {_reason(error)}") from error
+            log.warning("could not save %s in %s: %s", file_name, self.folder, error)  # the folder for the log only
+            raise GalleryError(f"could not save image to the gallery: {_reason(error)}") from error
         return GalleryEntry(entry_id, file_name, meta, created_at)
 
     def list(self, limit: int = 20, offset: int = 0) -> builtins.list[GalleryEntry]:
@@ -413,30 +414,15 @@ class Gallery:
         rows = self._fetch("SELECT * FROM images WHERE id = ?", entry_id)
         return _entry(rows[0]) if rows else None
 
-    def delete(self, entry_id: int) -> bool:
-        entry = self.get(entry_id)
-        if entry is None:
-            return False
-        self.remove(entry.file_name)
-        return True
+    def find(self, file_name: str) -> GalleryEntry | None:
+        """The entry of a file: ids change when a lost index is rebuilt, names do not."""
+        rows = self._fetch("SELECT * FROM images WHERE file_name = ?", file_name)
+        return _entry(rows[0]) if rows else None
 
-    def remove(self, file_name: str) -> None:
-        """Remove the file, then its row (in this order, so that a concurrent reconcile never revives it). By name:
-        a rebuilt index numbers its rows anew."""
+    def delete(self, file_name: str) -> None:
+        """Remove the file, then its row (in this order, so that a concurrent reconcile never revives it)."""
         (self.folder / file_name).unlink(missing_ok=True)
         self._run(lambda conn: conn.execute("DELETE FROM images WHERE file_name = ?", (file_name,)), write=True)
-
-    def rebuild(self) -> int:
-        """Replace the index with what the PNGs' parameters chunks say (in file time order); returns the count."""
-
-        def replace_rows(conn: sqlite3.Connection) -> int:
-            # Scan inside the transaction: a save that lands meanwhile waits, then adds its row.
-            found = self._scan(self._png_names())
-            conn.execute("DELETE FROM images")
-            conn.executemany(_INSERT_MISSING, [_row(name, meta, created) for name, meta, created in found])
-            return len(found)
-
-        return self._run(replace_rows, write=True)
 
     def refresh(self) -> None:
         """Take in PNGs added to or removed from the folder behind the app's back (as at start)."""

@@ -230,8 +230,7 @@ def check_image(value: Any) -> Image.Image:
         raise RequestError("image", "must be a PNG, JPEG or WebP file")
     if not value:
         raise RequestError("image", "is empty (0 bytes)")
-    if len(value) > MAX_IMAGE_BYTES:
-        raise RequestError("image", f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB (got {len(value)} bytes)")
+    _check_bytes(len(value))
     try:
         with Image.open(io.BytesIO(value), formats=IMAGE_FORMATS) as opened:
             _check_pixels(opened.width, opened.height)
@@ -243,6 +242,11 @@ def check_image(value: Any) -> Image.Image:
         raise RequestError("image", f"at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
     except (OSError, SyntaxError, ValueError):
         raise RequestError("image", UNREADABLE_IMAGE) from None
+
+
+def _check_bytes(size: int, about: str = "") -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise RequestError("image", f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB (got {about}{size} bytes)")
 
 
 def decode_image(value: Any) -> bytes:
@@ -258,7 +262,9 @@ def decode_image(value: Any) -> bytes:
         header, comma, payload = value.partition(",")
         if not comma or not header.lower().endswith(";base64"):
             raise RequestError("image", "must be a base64 data URL (data:image/png;base64,...)")
-    payload = "".join(payload.split()).translate(_URL_SAFE_TO_STANDARD)
+    payload = "".join(payload.split())
+    _check_bytes(len(payload) // 4 * 3, "about ")  # before decoding what could only be refused
+    payload = payload.translate(_URL_SAFE_TO_STANDARD)
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):

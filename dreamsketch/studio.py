@@ -106,7 +106,8 @@ class Studio:
 
         Raises StudioBusy when DREAMSKETCH_QUEUE_SIZE requests are already waiting for the device, counting only
         requests without `own_queue` (Gradio's events come through Gradio's queue, which has the same bound), or
-        when the server is shutting down; GenerationCancelled when `cancel` is set, up to the save."""
+        when the server is shutting down; GenerationCancelled when `cancel` is set before the last picture is saved
+        (the ones saved are taken back)."""
         cancel = cancel or threading.Event()
         counted = not own_queue
         with self._pending_lock:
@@ -127,8 +128,7 @@ class Studio:
 
         try:
             generation = self.engine.generate(request, on_step, cancel, started)
-            if cancel.is_set():  # cancelled after the last step, while decoding: nothing is saved
-                raise GenerationCancelled
+            entries = self._save_whole(generation, cancel)
         except GenerationCancelled:
             if self.closing.is_set():
                 raise StudioBusy(SHUTTING_DOWN) from None
@@ -138,19 +138,24 @@ class Studio:
             with self._pending_lock:
                 self._pending -= 1
                 self._cancels.discard(cancel)
-        return StudioResult(generation, self._save_whole(generation))
+        return StudioResult(generation, entries)
 
-    def _save_whole(self, generation: Generation) -> list[GalleryEntry]:
-        """The generation's pictures in the gallery, all of them or none: a disk that fills up, or Ctrl-C, between
-        two pictures of a batch takes the ones saved before it away again."""
+    def _save_whole(self, generation: Generation, cancel: threading.Event) -> list[GalleryEntry]:
+        """The generation's pictures in the gallery, all of them or none: a disk that fills up, Ctrl-C or a cancel
+        (also one that came while decoding) between two pictures of a batch takes the ones saved before it away
+        again."""
         entries: list[GalleryEntry] = []
         try:
             for image, seed in zip(generation.images, generation.seeds, strict=True):
+                if cancel.is_set():
+                    raise GenerationCancelled
                 entries.append(self.gallery.save(image, image_meta(generation.request, seed, generation.scheduler)))
+            if cancel.is_set():
+                raise GenerationCancelled
         except BaseException:
             for entry in entries:
                 try:
-                    self.gallery.remove(entry.file_name)
+                    self.gallery.delete(entry.file_name)
                 except Exception:  # the first failure is the one to report; take back what can be taken back
                     log.exception("could not take back %s of a batch that was not saved whole", entry.file_name)
             raise

@@ -38,6 +38,7 @@ from dreamsketch.request import (
     MAX_SIDE,
     MAX_STEPS,
     MIN_SIDE,
+    GenerationRequest,
     Mode,
     RequestError,
     decode_image,
@@ -57,8 +58,8 @@ LAST_PAGE = 2**31  # the Gallery tab's "Oldest": past the last page, which galle
 WARNING_TOAST_CHARS = 300
 UPLOADS_KEPT = (3600, 86400)  # Gradio's copies of uploads and previews: looked at hourly, deleted after a day
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
-# Failures whose own message is what the user needs (RequestError is a ValueError; GalleryError: disk full, read-only)
-USER_ERRORS = (ValueError, ModelUnavailableError, GenerationError, StudioBusy, GalleryError)
+# Failures whose own message is what the user needs (GalleryError: disk full, read-only)
+USER_ERRORS = (RequestError, ModelUnavailableError, GenerationError, StudioBusy, GalleryError)
 SUGGESTED_PROMPTS = [
     "a lighthouse on a cliff at sunset, dramatic clouds, oil painting",
     "a cozy reading nook with a cat, warm light, watercolor",
@@ -80,7 +81,7 @@ CSS = """
 """
 # The restored fields checked as a txt2img request would check them, one at a time but the size as a pair (strength
 # comes from img2img pictures, whose A1111 "Denoising strength" is always within its bounds).
-RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "batch_size")
+RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler")
 LABELS = {  # the form's names for request fields
     "prompt": "Prompt",
     "negative_prompt": "Negative prompt",
@@ -89,6 +90,7 @@ LABELS = {  # the form's names for request fields
     "steps": "Steps",
     "guidance_scale": "Guidance",
     "seed": "Seed",
+    "scheduler": "Scheduler",
     "batch_size": "Batch size",
 }
 SIZE = ("width", "height")
@@ -304,11 +306,13 @@ def result_info(result: StudioResult) -> dict[str, Any]:
     }
 
 
-def model_choices(studio: Studio) -> list[tuple[str, str]]:
+def model_choices(models: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Dropdown choices from studio.models(), which looks at each model's files on disk."""
+
     def state(model: dict[str, Any]) -> str:
         return "loaded" if model["loaded"] else str(model["weights"])
 
-    return [(f"{m['name']} · {state(m)}", m["id"]) for m in studio.models()]
+    return [(f"{m['name']} · {state(m)}", m["id"]) for m in models]
 
 
 def model_defaults(studio: Studio, model_id: str) -> tuple[int, int, int, float]:
@@ -334,7 +338,7 @@ def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ..
     values: list[Any] = []
     for name in names:
         value = model_id if name == "model_id" else parameters.get(name)
-        if name == "scheduler" and value not in SCHEDULERS:
+        if name == "scheduler" and value is None:
             value = DEFAULT_SCHEDULER
         if name in left_out:
             value = native.get(name)
@@ -393,9 +397,14 @@ class Handlers:
         self.studio = studio
         self.generate = functools.partial(studio.generate, own_queue=True)  # Gradio's queue bounds these
 
-    async def _run(self, mode: Mode, fields: dict[str, Any], progress: gr.Progress) -> tuple[list, dict]:
+    async def parse(self, mode: Mode, values: dict[str, Any]) -> GenerationRequest:
+        """The request, checked off the event loop (reading, decoding and resizing a 40-megapixel upload takes about
+        a second, which would hold up every other event)."""
+        return await asyncio.to_thread(lambda: self.studio.parse(request_fields(self.studio, mode, values), mode))
+
+    async def _run(self, mode: Mode, values: dict[str, Any], progress: gr.Progress) -> tuple[list, dict]:
         try:
-            request = self.studio.parse(fields, mode)
+            request = await self.parse(mode, values)
             result = None
             async for item in run_generation(self.generate, request, previews=False):
                 if isinstance(item, Progressed):
@@ -449,7 +458,7 @@ class Handlers:
             scheduler=scheduler,
             batch_size=batch_size,
         )
-        return await self._run("txt2img", request_fields(self.studio, "txt2img", fields), progress)
+        return await self._run("txt2img", fields, progress)
 
     async def img2img(
         self,
@@ -499,7 +508,7 @@ class Handlers:
             scheduler=scheduler,
             batch_size=batch_size,
         )
-        return await self._run("img2img", request_fields(self.studio, "img2img", fields), progress)
+        return await self._run("img2img", fields, progress)
 
     async def stream(
         self, mode: Mode, values: dict[str, Any], progress: gr.Progress
@@ -507,7 +516,7 @@ class Handlers:
         """The browser's Generate: live preview every step, then the results, none of them picked yet (for the form's
         preview, results, info and selected)."""
         try:
-            request = self.studio.parse(request_fields(self.studio, mode, values), mode)
+            request = await self.parse(mode, values)
             progress((0, request.denoising_steps), desc="Waiting for the device", unit="steps")
             async for item in run_generation(self.generate, request, previews=True):
                 if isinstance(item, Progressed):
@@ -577,7 +586,9 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                     label="Suggested prompts",
                     elem_id="txt2img-suggestions",
                 )
-            form.fields["model_id"] = gr.Dropdown(model_choices(studio), value=studio.default_model, label="Model")
+            form.fields["model_id"] = gr.Dropdown(
+                model_choices(studio.models()), value=studio.default_model, label="Model"
+            )
             if mode == "img2img":
                 form.fields["strength"] = gr.Slider(
                     0.01, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Strength (denoising)"
@@ -789,19 +800,20 @@ def wire_transfers(studio: Studio, t2i: Form, i2i: Form, tabs: gr.Tabs) -> None:
 # -- Gallery tab ------------------------------------------------------------------------------------------------
 
 
-def gallery_page(studio: Studio, page: int) -> tuple[list[tuple[str, str]], list[int], str, int]:
-    """Page `page` (0: the newest; clamped, so LAST_PAGE is the oldest): pictures, their ids, the label, the page."""
+def gallery_page(studio: Studio, page: int) -> tuple[list[tuple[str, str]], list[str], str, int]:
+    """Page `page` (0: the newest; clamped, so LAST_PAGE is the oldest): pictures, their file names (ids change
+    when a lost index is rebuilt; names do not), the label, the page."""
     total = studio.gallery.count()
     pages = max(1, -(-total // GALLERY_PAGE))
     page = min(max(page, 0), pages - 1)
     entries = studio.gallery.list(limit=GALLERY_PAGE, offset=page * GALLERY_PAGE)
     images = [(entry_path(studio, e), f"#{e.id} · seed {e.meta.seed}") for e in entries]
     label = f"Page {page + 1} of {pages} · {total} image{'s' if total != 1 else ''}"
-    return images, [e.id for e in entries], label, page
+    return images, [e.file_name for e in entries], label, page
 
 
-def entry_details(studio: Studio, entry_id: int | None) -> tuple[str, dict[str, Any] | None]:
-    entry = studio.gallery.get(entry_id) if entry_id is not None else None
+def entry_details(studio: Studio, file_name: str | None) -> tuple[str, dict[str, Any] | None]:
+    entry = studio.gallery.find(file_name) if file_name is not None else None
     if entry is None:
         return "", None
     return format_parameters(entry.meta), entry.to_dict()
@@ -809,7 +821,7 @@ def entry_details(studio: Studio, entry_id: int | None) -> tuple[str, dict[str, 
 
 def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.State, list[Any], Callable[..., Any]]:
     page = gr.State(0)
-    ids = gr.State([])
+    names = gr.State([])
     chosen = gr.State(None)
     with gr.Row():
         newest_btn = gr.Button("⏮ Newest", size="sm")
@@ -841,10 +853,10 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
             png_restore = gr.Button("Send to Text to image", size="sm")
 
     def show(page_number: int):  # type: ignore[no-untyped-def]
-        images, entry_ids, text, page_number = gallery_page(studio, page_number)
-        return gr.Gallery(images, selected_index=None), entry_ids, text, page_number, None, "", None
+        images, file_names, text, page_number = gallery_page(studio, page_number)
+        return gr.Gallery(images, selected_index=None), file_names, text, page_number, None, "", None
 
-    page_outputs = [grid, ids, label, page, chosen, params_text, details]
+    page_outputs = [grid, names, label, page, chosen, params_text, details]
 
     def refreshed(page_number: int):  # type: ignore[no-untyped-def]
         try:
@@ -859,17 +871,22 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
     oldest_btn.click(lambda: show(LAST_PAGE), outputs=page_outputs, **PRIVATE)
     refresh.click(refreshed, inputs=page, outputs=page_outputs, **PRIVATE)
 
-    def select(entry_ids: list[int], evt: gr.SelectData):  # type: ignore[no-untyped-def]
-        entry_id = entry_ids[evt.index] if 0 <= evt.index < len(entry_ids) else None
-        return (entry_id, *entry_details(studio, entry_id))
+    def select(file_names: list[str], evt: gr.SelectData):  # type: ignore[no-untyped-def]
+        file_name = file_names[evt.index] if 0 <= evt.index < len(file_names) else None
+        return (file_name, *entry_details(studio, file_name))
 
-    grid.select(select, inputs=ids, outputs=[chosen, params_text, details], **PRIVATE)
+    grid.select(select, inputs=names, outputs=[chosen, params_text, details], **PRIVATE)
 
-    def remove(entry_id: int | None, page_number: int):  # type: ignore[no-untyped-def]
-        if entry_id is None:
+    def remove(file_name: str | None, page_number: int):  # type: ignore[no-untyped-def]
+        if file_name is None:
             return leave_as_is("Select an image first.", len(page_outputs))
-        if studio.gallery.delete(entry_id):
-            gr.Info(f"Deleted image #{entry_id}.")
+        entry = studio.gallery.find(file_name)
+        if entry is not None:
+            try:
+                studio.gallery.delete(file_name)
+            except OSError as exc:  # a read-only folder; the message without the server's paths
+                raise error(f"Could not delete image #{entry.id}: {exc.strerror or 'the gallery failed'}.") from None
+            gr.Info(f"Deleted image #{entry.id}.")
         return show(page_number)
 
     delete.click(remove, inputs=[chosen, page], outputs=page_outputs, **PRIVATE)
@@ -930,13 +947,14 @@ MODEL_COLUMN_WIDTHS: list[str | int] = ["16%", "27%", "7%", "7%", "7%", "6%", "1
 
 
 def status_values(studio: Studio):  # type: ignore[no-untyped-def]
-    rows = [[m[c] for c in MODEL_COLUMNS] for m in studio.models()]
-    return studio.status(), rows, *model_dropdowns(studio)
+    models = studio.models()
+    rows = [[m[c] for c in MODEL_COLUMNS] for m in models]
+    return studio.status(), rows, *model_dropdowns(models)
 
 
-def model_dropdowns(studio: Studio) -> tuple[gr.Dropdown, gr.Dropdown]:
+def model_dropdowns(models: list[dict[str, Any]]) -> tuple[gr.Dropdown, gr.Dropdown]:
     """Both tabs' model dropdowns with current labels (loaded, ready offline, needs download)."""
-    choices = model_choices(studio)
+    choices = model_choices(models)
     return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
 
 
@@ -1051,7 +1069,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         model_fields = [t2i.fields["model_id"], i2i.fields["model_id"]]
         for form in (t2i, i2i):  # a generation may load and unload models: the labels follow
             generated = wire_form(form, handlers, studio)
-            generated.then(lambda: model_dropdowns(studio), outputs=model_fields, **PRIVATE)
+            generated.then(lambda: model_dropdowns(studio.models()), outputs=model_fields, **PRIVATE)
         wire_transfers(studio, t2i, i2i, tabs)
 
         status_outputs = [status_json, models_table, *model_fields]

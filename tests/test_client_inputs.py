@@ -20,6 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
 
+from dreamsketch.schedulers import DEFAULT_SCHEDULER
 from dreamsketch.studio import Studio
 from dreamsketch.ui import form_values, png_info
 from tests.servers import RunningServer, gradio_client, running_server, tiny_settings
@@ -260,6 +261,16 @@ def test_restored_parameters_outside_the_rules_are_left_out_with_a_warning(tmp_p
     assert [str(w.message).rsplit("; ", 1)[1] for w in warned] == [
         "Width and Height left as they were.", "Steps left as it was.", "Seed left as it was."
     ]  # fmt: skip
+
+
+def test_a_restored_sampler_that_dreamsketch_lacks_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    """A1111's "DPM++ 2M SDE" with "Karras" set the form's scheduler to Default without a word."""
+    studio = Studio(tiny_settings(tmp_path))
+    names = ("steps", "scheduler")
+    with pytest.warns(UserWarning, match=r"^Scheduler: must be Default .*; Scheduler left as it was\.$"):
+        values = form_values({"steps": 20, "scheduler": "DPM++ 2M SDE Karras"}, studio, names, "tiny-demo")
+    assert values == [20, SKIP]
+    assert form_values({"steps": 20}, studio, names, "tiny-demo") == [20, DEFAULT_SCHEDULER]  # none: the model's own
 
 
 def test_a_restored_size_is_checked_whole_against_the_model_the_form_will_have(tmp_path: Path) -> None:

@@ -275,14 +275,15 @@ def test_list_newest_first_with_limit_and_offset(tmp_path: Path) -> None:
         gallery.list(limit=-1)
 
 
-def test_get_and_delete(tmp_path: Path) -> None:
+def test_get_find_and_delete(tmp_path: Path) -> None:
     gallery = Gallery(tmp_path)
     keep, gone = gallery.save(image(), META), gallery.save(image(), replace(META, seed=9))
-    assert gallery.get(999) is None
-    assert gallery.delete(gone.id) is True
+    assert gallery.get(999) is None and gallery.find("nothing.png") is None
+    assert gallery.get(gone.id) == gone and gallery.find(gone.file_name) == gone
+    gallery.delete(gone.file_name)
     assert not (tmp_path / gone.file_name).exists()
-    assert gallery.get(gone.id) is None
-    assert gallery.delete(gone.id) is False
+    assert gallery.get(gone.id) is None and gallery.find(gone.file_name) is None
+    gallery.delete(gone.file_name)  # gone already: nothing to do
     assert gallery.list() == [keep]
 
 
@@ -367,14 +368,7 @@ def test_index_with_wrong_schema_is_rebuilt(tmp_path: Path) -> None:
     _assert_rebuilt(tmp_path, entries)
 
 
-def test_explicit_rebuild_returns_count(tmp_path: Path) -> None:
-    entries = _three_and_a_foreign_png(tmp_path)
-    gallery = Gallery(tmp_path)
-    assert gallery.rebuild() == 3
-    assert [e.meta for e in gallery.list()] == [e.meta for e in entries[::-1]]
-
-
-@pytest.mark.parametrize("operation", ["list", "count", "get", "file_path", "delete", "rebuild", "save"])
+@pytest.mark.parametrize("operation", ["list", "count", "get", "find", "file_path", "delete", "save"])
 def test_any_operation_rebuilds_an_index_deleted_while_the_gallery_is_open(tmp_path: Path, operation: str) -> None:
     entries = _three_and_a_foreign_png(tmp_path)
     gallery = Gallery(tmp_path)
@@ -384,9 +378,9 @@ def test_any_operation_rebuilds_an_index_deleted_while_the_gallery_is_open(tmp_p
         "list": lambda: gallery.list(),
         "count": lambda: gallery.count(),
         "get": lambda: gallery.get(first.id),
+        "find": lambda: gallery.find(first.file_name),
         "file_path": lambda: gallery.file_path(first.file_name),
-        "delete": lambda: gallery.delete(first.id),
-        "rebuild": lambda: gallery.rebuild(),
+        "delete": lambda: gallery.delete(first.file_name),
         "save": lambda: gallery.save(image(), replace(META, seed=7)),
     }
     result = calls[operation]()
@@ -394,15 +388,15 @@ def test_any_operation_rebuilds_an_index_deleted_while_the_gallery_is_open(tmp_p
         "list": entries[::-1],  # the same ids, in the same order, as before
         "count": 3,
         "get": first,
+        "find": first,
         "file_path": tmp_path.resolve() / first.file_name,
-        "delete": True,
-        "rebuild": 3,
+        "delete": None,
         "save": result,
     }
     assert result == expected[operation]
     rows = [result] if operation == "save" else []
     rows += entries[:0:-1] if operation == "delete" else entries[::-1]
-    for listed in gallery.list(), Gallery(tmp_path).list():  # rebuild() numbers the rows anew
+    for listed in gallery.list(), Gallery(tmp_path).list():  # a rebuild numbers the rows anew
         assert [(e.file_name, e.meta, e.created_at) for e in listed] == [
             (e.file_name, e.meta, e.created_at) for e in rows
         ]
@@ -562,7 +556,7 @@ def _disk_full(*args: object, **kwargs: object) -> None:
 def test_disk_full_leaves_no_temp_file_and_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     gallery = Gallery(tmp_path)
     monkeypatch.setattr(gallery_module.os, target, _disk_full)
-    message = f"could not save image to {gallery.folder}: No space left on device"
+    message = "could not save image to the gallery: No space left on device"  # no server path for the page
     with pytest.raises(GalleryError, match=re.escape(message)):
         gallery.save(image(), META)
     monkeypatch.undo()
@@ -609,7 +603,7 @@ def test_file_path_of_indexed_png(tmp_path: Path) -> None:
     gallery = Gallery(tmp_path)
     entry = gallery.save(image(), META)
     assert gallery.file_path(entry.file_name) == tmp_path.resolve() / entry.file_name
-    gallery.delete(entry.id)
+    gallery.delete(entry.file_name)
     assert gallery.file_path(entry.file_name) is None
 
 

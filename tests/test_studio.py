@@ -63,24 +63,25 @@ def test_a_batch_takes_back_only_its_own_pictures(studio, monkeypatch):
     and kept its own; and a failed delete stopped it and hid the first error."""
     for _ in range(3):
         studio.generate(studio.parse({"prompt": "old"}, "txt2img"))
-    studio.gallery.delete(studio.gallery.list()[-1].id)  # a gap in the ids, which a rebuild closes
-    save, remove = studio.gallery.save, studio.gallery.remove
+    studio.gallery.delete(studio.gallery.list()[-1].file_name)  # a gap in the ids, which a rebuild closes
+    save, delete = studio.gallery.save, studio.gallery.delete
     others = studio.generate(studio.parse({"prompt": "someone else", "batch_size": 2}, "txt2img"))
     batch: list = []
 
     def save_two_then_fail(image, meta):
         if len(batch) == 2:
-            studio.gallery.rebuild()
+            studio.gallery.index_path.unlink()  # the index is lost: rebuilt from the PNGs, numbered anew
+            studio.gallery.refresh()
             raise GalleryError("could not save image: No space left on device")
         batch.append(save(image, meta))
         return batch[-1]
 
     def first_removal_fails(file_name):
-        monkeypatch.setattr(studio.gallery, "remove", remove)
+        monkeypatch.setattr(studio.gallery, "delete", delete)
         raise PermissionError("read-only for a moment")
 
     monkeypatch.setattr(studio.gallery, "save", save_two_then_fail)
-    monkeypatch.setattr(studio.gallery, "remove", first_removal_fails)
+    monkeypatch.setattr(studio.gallery, "delete", first_removal_fails)
     with pytest.raises(GalleryError, match="No space left on device"):
         studio.generate(studio.parse({"prompt": "mine", "batch_size": 3}, "txt2img"))
     left = {entry.file_name for entry in studio.gallery.list(limit=100)}
@@ -100,6 +101,24 @@ def test_a_cancel_after_the_last_step_saves_nothing(studio, monkeypatch):
     monkeypatch.setattr(dreamsketch.engine, "decode", cancelled_while_decoding)
     with pytest.raises(GenerationCancelled):
         studio.generate(studio.parse({"prompt": "x", "steps": 2}, "txt2img"), cancel=cancel)
+    assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
+
+
+@pytest.mark.parametrize("saved_before_the_cancel", [1, 3])
+def test_a_cancel_while_saving_takes_back_what_was_saved(studio, monkeypatch, saved_before_the_cancel):
+    """The browser said "Cancelled; nothing was saved." while the pictures went on into the gallery."""
+    cancel, save, saved = threading.Event(), studio.gallery.save, []
+
+    def cancelled_while_saving(image, meta):
+        saved.append(save(image, meta))
+        if len(saved) == saved_before_the_cancel:
+            cancel.set()
+        return saved[-1]
+
+    monkeypatch.setattr(studio.gallery, "save", cancelled_while_saving)
+    with pytest.raises(GenerationCancelled):
+        studio.generate(studio.parse({"prompt": "x", "steps": 1, "batch_size": 3}, "txt2img"), cancel=cancel)
+    assert len(saved) == saved_before_the_cancel
     assert studio.gallery.count() == 0 and list(studio.gallery.folder.glob("*.png")) == []
 
 
