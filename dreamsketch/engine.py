@@ -302,16 +302,19 @@ class LocalEngine:
             start += job.request.batch_size
 
         pace = OneStepAhead(pipe.device)
+        total = first.denoising_steps
 
         def callback(pipeline, step_index, timestep, tensors):  # type: ignore[no-untyped-def]
             pace.step_queued()
+            # In the request's steps: Heun and DPM++ SDE evaluate the UNet twice a step, PNDM once more in all
+            done = min(total, -(-(step_index + 1) * total // pipeline.num_timesteps))
             for job, span in zip(jobs, spans, strict=True):
                 if job.done.is_set():
                     continue
                 if job.cancelled:
                     job.finish(error=GenerationCancelled())
                 elif job.on_step is not None:
-                    step = Step(step_index + 1, pipeline.num_timesteps, tensors["latents"][span], spec.family)
+                    step = Step(done, total, tensors["latents"][span], spec.family)
                     try:
                         job.on_step(step)
                     except Exception as exc:  # one caller's broken callback fails that caller only

@@ -85,8 +85,7 @@ class GenerationRequest:
 
     @property
     def denoising_steps(self) -> int:
-        """The steps a progress bar starts with: img2img skips the first (1 - strength) of them, as diffusers does
-        (a second-order scheduler such as Heun reports more once it runs)."""
+        """The steps a progress bar counts: img2img skips the first (1 - strength) of them, as diffusers does."""
         return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
 
     def with_seed(self) -> GenerationRequest:

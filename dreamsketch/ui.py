@@ -575,10 +575,9 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                 form.fields["image"] = image_upload(
                     label="Input image", sources=["upload", "clipboard"], height=280, elem_id="img2img-image"
                 )
-            form.fields["prompt"] = gr.Textbox(
-                label=LABELS["prompt"], lines=3, max_length=2000, placeholder="Describe the image"
-            )
-            form.fields["negative_prompt"] = gr.Textbox(label=LABELS["negative_prompt"], lines=2, max_length=2000)
+            # No max_length: the browser would cut a longer paste silently; the request's check says so instead
+            form.fields["prompt"] = gr.Textbox(label=LABELS["prompt"], lines=3, placeholder="Describe the image")
+            form.fields["negative_prompt"] = gr.Textbox(label=LABELS["negative_prompt"], lines=2)
             if mode == "txt2img":  # looks like gr.Examples (which is static); wire_form swaps the samples per model
                 form.suggestions = gr.Dataset(
                     components=[form.fields["prompt"]],

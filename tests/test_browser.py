@@ -441,6 +441,11 @@ def test_one_result_is_shown_whole_and_the_seed_box_is_checked_like_the_api(brow
         page.locator("#txt2img-generate").click()
         expect(page.get_by_text(message).first).to_be_visible(timeout=20_000)
     seed.fill("5")
+    prompt = page.get_by_label("Prompt", exact=True).first
+    prompt.fill("fox " * 625 + "!")  # pasted past the limit: the box used to cut it silently
+    page.locator("#txt2img-generate").click()
+    expect(page.get_by_text("field 'prompt': at most 2000 characters (got 2501)").first).to_be_visible(timeout=20_000)
+    prompt.fill("a fox")
     set_numbers(page, Steps=2)
     page.locator("#txt2img-generate").click()
     result = page.locator("#txt2img-results img").first

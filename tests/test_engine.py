@@ -280,6 +280,20 @@ def test_progress_reports_every_step_with_a_preview(engine):
     assert steps == [(i, 5, (16, 16)) for i in range(1, 6)]
 
 
+@pytest.mark.parametrize("scheduler", ["Heun", "DPM++ SDE Karras", "PNDM"])
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_progress_counts_the_requests_steps_whatever_the_unet_evaluations(engine, scheduler, mode):
+    """Heun with Steps 8 counted to 15 (two UNet evaluations a step but the last), PNDM to 9."""
+    fields = {"image": png(Image.new("RGB", (96, 96), "red")), "strength": 0.5} if mode == "img2img" else {}
+    steps = []
+    engine.generate(request(engine, mode, steps=8, scheduler=scheduler, **fields), on_step=steps.append)
+    total = 8 if mode == "txt2img" else 4
+    assert {s.total for s in steps} == {total} and len(steps) > total  # each evaluation reports
+    counted = [s.step for s in steps]
+    assert counted == sorted(counted) and counted[0] == 1 and counted[-1] == total
+    assert set(counted) == set(range(1, total + 1))
+
+
 def test_img2img_strength_sets_the_steps(engine):
     source = png(Image.new("RGB", (96, 96), (200, 40, 40)))
     outputs = []
