@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dreamsketch.config import Settings
+from dreamsketch.fastpath import out_of_memory
 from dreamsketch.pipelines import USABLE_NOW, LoadedModel, PipelineCache, weights_state
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import GenerationRequest
@@ -265,18 +266,18 @@ class LocalEngine:
         try:
             self._run(self.cache.get(request.model_id), jobs)
             return
-        except torch.cuda.OutOfMemoryError:
-            pass  # handled below, once the error no longer holds the failed call's tensors
         except GenerationCancelled:
             for job in jobs:
                 if not job.done.is_set():
                     job.finish(error=GenerationCancelled())
             return
         except Exception as exc:
-            for job in jobs:
-                if not job.done.is_set():
-                    job.finish(error=exc)
-            return
+            if not out_of_memory(exc):
+                for job in jobs:
+                    if not job.done.is_set():
+                        job.finish(error=exc)
+                return
+        # out of memory: handled here, once the error no longer holds the failed call's tensors
         dropped_graphs = self.cache.free_memory()
         if len(jobs) > 1:  # merged here, not asked for together: each request alone may fit
             for job in jobs:
@@ -368,8 +369,10 @@ def decode(pipe, latents: torch.Tensor, tiled: bool) -> list[Image.Image]:  # ty
     dtype = vae.dtype
     try:
         return to_pictures(decode_pixels(vae, scaled))
-    except torch.cuda.OutOfMemoryError:
-        pass  # handled below, once the error no longer holds the failed decode's tensors
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
+    # out of memory: handled here, once the error no longer holds the failed decode's tensors
     vae.to(dtype)  # out of memory while converting it to fp32 or back, the VAE may have been left half converted
     if len(scaled) == 1:
         raise torch.cuda.OutOfMemoryError("out of GPU memory decoding the picture")

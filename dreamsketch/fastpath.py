@@ -115,6 +115,19 @@ def drop_graphs(pipe: Any) -> bool:
     return captured
 
 
+# How CUDA's own allocation failures and cuBLAS's and cuDNN's read: torch raises them as plain RuntimeErrors (or, from
+# 2.8, AcceleratorErrors), not as the OutOfMemoryError of its caching allocator; MPS's "MPS backend out of memory" too.
+OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED")
+TORCH_ERRORS = (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError))
+
+
+def out_of_memory(exc: BaseException | None) -> bool:
+    """Whether `exc` says that the GPU ran out of memory (the words only in torch's own errors, not in ours)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return type(exc) in TORCH_ERRORS and any(words in str(exc) for words in OUT_OF_MEMORY)
+
+
 def free_memory() -> None:
     """Give back what nothing holds any more: Python's reference cycles, then the CUDA caching allocator's blocks."""
     gc.collect()
@@ -235,7 +248,7 @@ class CudaGraphs:
         try:
             captured = self._capture(leaves, spec)
         except RuntimeError as exc:  # out of memory too, or as the cause of the capture's own error
-            if not any(isinstance(e, torch.cuda.OutOfMemoryError) for e in (exc, exc.__cause__, exc.__context__)):
+            if not any(out_of_memory(e) for e in (exc, exc.__cause__, exc.__context__)):
                 log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
                 return None
             captured = None  # dropped below, once the error no longer holds the capture's tensors

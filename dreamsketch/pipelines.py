@@ -32,7 +32,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors import SafetensorError, safe_open
 
 from dreamsketch.config import Settings, SettingsError
-from dreamsketch.fastpath import apply_fast_path, drop_graphs, free_memory, warm_up
+from dreamsketch.fastpath import apply_fast_path, drop_graphs, free_memory, out_of_memory, warm_up
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
 from dreamsketch.schedulers import make_scheduler
 from dreamsketch.tiny import build_tiny_pipeline
@@ -357,7 +357,7 @@ class PipelineCache:
             model = self._load(spec)
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)  # so that free_memory frees a half-placed pipeline now
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
+            if out_of_memory(exc):
                 self.free_memory()  # the loaded models' CUDA graphs too
                 raise ModelUnavailableError(
                     f"Model '{model_id}' does not fit in the GPU's free memory; free the GPU of other work, or pick"
@@ -410,8 +410,10 @@ class PipelineCache:
         try:
             warm_up(pipe, spec.width, spec.height)
             return
-        except torch.cuda.OutOfMemoryError:
-            pass  # handled below, once the error no longer holds the warm-up's tensors
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                raise
+        # handled here, once the error no longer holds the warm-up's tensors
         log.warning("warming %s up at %dx%d ran out of GPU memory; it loads without", spec.id, spec.width, spec.height)
         drop_graphs(pipe)
         free_memory()

@@ -378,14 +378,33 @@ def test_half_precision_vae_nan_is_decoded_again_in_fp32(settings):
     assert pixels(image).std() > 0
 
 
-def test_out_of_memory_asks_for_smaller_work_and_the_next_request_runs(engine):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        # CUDA's and its libraries' own allocation failures, which torch raises as other errors
+        torch.AcceleratorError("CUDA error: out of memory"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
+    ids=["allocator", "cuda", "cublas"],
+)
+def test_out_of_memory_asks_for_smaller_work_and_the_next_request_runs(engine, error):
     unet = engine.cache.get("tiny-demo").txt2img.unet
     forward = unet.forward
-    unet.forward = lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    unet.forward = lambda *a, **k: (_ for _ in ()).throw(error)
     with pytest.raises(GenerationError, match="lower the size or the batch size"):
         engine.generate(request(engine, batch_size=2))
     unet.forward = forward
     assert len(engine.generate(request(engine)).images) == 1
+
+
+def test_other_errors_that_name_memory_are_not_taken_for_out_of_memory(engine):
+    unet = engine.cache.get("tiny-demo").txt2img.unet
+    failure = GenerationError("the remote worker ran out of memory")  # ours, not torch's
+    unet.forward = lambda *a, **k: (_ for _ in ()).throw(failure)
+    with pytest.raises(GenerationError) as raised:
+        engine.generate(request(engine))
+    assert raised.value is failure
 
 
 def test_out_of_memory_is_handled_once_the_failed_call_has_let_go_of_its_tensors(engine, monkeypatch):
