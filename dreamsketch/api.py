@@ -64,7 +64,7 @@ FLOAT_FIELDS = ("guidance_scale", "strength")
 INTERNAL_ERROR = "internal server error; the details are in the server log"
 MIN_SCRUBBED_CHARS = 4
 RESULT_KEYS = ("id", "prompt", "created_at", "seed", "model_id", "width", "height", "steps", "guidance_scale")
-_DIGITS = re.compile(r"0*[0-9]{1,6}")
+_DIGITS = re.compile(r"[0-9]{1,6}")
 _HOST = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")  # a name, IPv4 or [IPv6], and a port
 _INTEGER = re.compile(r"[-+]?[0-9]+")
 _NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # as HTML forms and curl users write
@@ -154,7 +154,13 @@ class _Routes:
         media: dict[str, Any] = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
         media_path = "/media/generated/{file_name}"
         self._add(
-            media_path, self.media, "GET", response=media, extra=file_name_parameter(), errors=(404,), name="media_file"
+            media_path,
+            self.media,
+            "GET",
+            response=media,
+            extra=file_name_parameter(),
+            errors=(404, 500),
+            name="media_file",
         )
         self._add("/api/openapi.json", self.openapi, "GET", in_schema=False)
         self._add("/api/docs", self.docs, "GET", in_schema=False)
@@ -386,9 +392,10 @@ def form_number(name: str, text: str) -> int | float | None:
 def results_limit(values: list[str]) -> int:
     if not values:
         return RESULTS_DEFAULT
-    if len(values) > 1 or not _DIGITS.fullmatch(values[0]) or not 1 <= int(values[0]) <= RESULTS_MAX:
+    digits = values[0].lstrip("0") or values[0][:1]  # "007" is 7 however many zeros lead it; "000" is 0
+    if len(values) > 1 or not _DIGITS.fullmatch(digits) or not 1 <= int(digits) <= RESULTS_MAX:
         raise ApiError(400, f"query 'limit': must be a whole number from 1 to {RESULTS_MAX}")
-    return int(values[0])
+    return int(digits)
 
 
 async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:

@@ -307,8 +307,9 @@ class LocalEngine:
 
         def callback(pipeline, step_index, timestep, tensors):  # type: ignore[no-untyped-def]
             pace.step_queued()
-            # In the request's steps: Heun and DPM++ SDE evaluate the UNet twice a step, PNDM once more in all
-            done = min(total, -(-(step_index + 1) * total // pipeline.num_timesteps))
+            # The request's steps finished: Heun and DPM++ SDE evaluate the UNet twice a step but the last, PNDM once
+            # more in all
+            done = min(total, (step_index + 1) * total // pipeline.num_timesteps)
             for job, span in zip(jobs, spans, strict=True):
                 if job.done.is_set():
                     continue

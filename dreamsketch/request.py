@@ -243,9 +243,9 @@ def check_image(value: Any) -> Image.Image:
         raise RequestError("image", UNREADABLE_IMAGE) from None
 
 
-def _check_bytes(size: int, about: str = "") -> None:
+def _check_bytes(size: int) -> None:
     if size > MAX_IMAGE_BYTES:
-        raise RequestError("image", f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB (got {about}{size} bytes)")
+        raise RequestError("image", f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB (got {size} bytes)")
 
 
 def decode_image(value: Any) -> bytes:
@@ -262,7 +262,7 @@ def decode_image(value: Any) -> bytes:
         if not comma or not header.lower().endswith(";base64"):
             raise RequestError("image", "must be a base64 data URL (data:image/png;base64,...)")
     payload = "".join(payload.split())
-    _check_bytes(len(payload) // 4 * 3, "about ")  # before decoding what could only be refused
+    _check_bytes(len(payload.rstrip("=")) * 3 // 4)  # the bytes it holds, before decoding what could only be refused
     payload = payload.translate(_URL_SAFE_TO_STANDARD)
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)

@@ -81,7 +81,7 @@ CSS = """
 """
 # The restored fields checked as a txt2img request would check them, one at a time but the size as a pair (strength
 # comes from img2img pictures, whose A1111 "Denoising strength" is always within its bounds).
-RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler")
+RESTORE_CHECKED = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
 LABELS = {  # the form's names for request fields
     "prompt": "Prompt",
     "negative_prompt": "Negative prompt",
@@ -90,7 +90,6 @@ LABELS = {  # the form's names for request fields
     "steps": "Steps",
     "guidance_scale": "Guidance",
     "seed": "Seed",
-    "scheduler": "Scheduler",
     "batch_size": "Batch size",
 }
 SIZE = ("width", "height")
@@ -338,12 +337,25 @@ def form_values(parameters: dict[str, Any], studio: Studio, names: tuple[str, ..
     values: list[Any] = []
     for name in names:
         value = model_id if name == "model_id" else parameters.get(name)
-        if name == "scheduler" and value is None:
-            value = DEFAULT_SCHEDULER
+        if name == "scheduler":
+            value = restored_scheduler(value)
         if name in left_out:
             value = native.get(name)
         values.append(gr.skip() if value is None else value)
     return values
+
+
+def restored_scheduler(name: str | None) -> str:
+    """A restored sampler as the form's scheduler: itself if DreamSketch has it, else the model's own (Default). A
+    diffusers class name is how DreamSketch records a model's own scheduler that has no A1111 name, so it restores
+    as Default silently; another tool's sampler that DreamSketch lacks restores so with a warning."""
+    if name in SCHEDULERS:
+        return str(name)
+    if name is not None and not name.endswith("Scheduler"):
+        gr.Warning(
+            html.escape(f"Scheduler: DreamSketch has no {name!r}; the model's own (Default) instead.", quote=False)
+        )
+    return DEFAULT_SCHEDULER
 
 
 def outside_the_rules(studio: Studio, parameters: dict[str, Any], model_id: str, native: dict[str, int]) -> set[str]:

@@ -132,7 +132,7 @@ def test_openapi_lists_the_paths_and_docs_are_served(client: httpx.Client) -> No
         for method, operation in item.items()
     }
     assert responses[("/api/health", "get")] == {"200"}
-    assert responses[("/media/generated/{file_name}", "get")] == {"200", "404"}  # 404 only, no FastAPI 422
+    assert responses[("/media/generated/{file_name}", "get")] == {"200", "404", "500"}  # no FastAPI 422
     assert responses[("/api/txt2img", "post")] == {"200", "400", "409", "413", "415", "500", "502", "503"}
     docs = client.get("/api/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -153,11 +153,13 @@ def test_unknown_paths_and_methods_answer_json(client: httpx.Client) -> None:
     assert client.get("/").status_code == 404  # "/" is left for the Gradio UI
 
 
-@pytest.mark.parametrize("path", ["/api/health", "/api/status/", "/api/models", "/api/results?limit=1"])
-def test_head_answers_where_get_does(client: httpx.Client, path: str) -> None:
-    response = client.head(path)
-    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
-    assert response.content == b""
+def test_head_answers_where_get_does(client: httpx.Client) -> None:
+    url = client.post("/api/txt2img", json=FAST).json()["result"]["url"]
+    for path in ("/api/health", "/api/health/", "/api/results?limit=1", url):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == 200 and head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-length"] == str(len(got.content)), path
+    assert client.head("/api/status").status_code == client.head("/api/models").status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +328,8 @@ def test_results_newest_first_and_limit(client: httpx.Client) -> None:
     assert ids == sorted(ids, reverse=True) and len(results) <= 20
     assert len(client.get("/api/results/", params={"limit": 1}).json()["results"]) == 1
     assert client.get("/api/results?limit=100").status_code == 200
-    assert len(client.get("/api/results?limit=0000001").json()["results"]) == 1
+    for zeros in ("0", "0" * 4400):  # int() reads at most 4,300 digits: this was a 500
+        assert len(client.get(f"/api/results?limit={zeros}1").json()["results"]) == 1
     for bad in ("0", "101", "abc", "-1", "1.5", "", " 5"):
         assert_error(client.get("/api/results", params={"limit": bad}), 400, "limit")
     assert_error(client.get("/api/results?limit=1&limit=2"), 400, "limit")

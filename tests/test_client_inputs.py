@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,14 +264,20 @@ def test_restored_parameters_outside_the_rules_are_left_out_with_a_warning(tmp_p
     ]  # fmt: skip
 
 
-def test_a_restored_sampler_that_dreamsketch_lacks_is_left_out_with_a_warning(tmp_path: Path) -> None:
-    """A1111's "DPM++ 2M SDE" with "Karras" set the form's scheduler to Default without a word."""
+def test_a_restored_sampler_that_dreamsketch_lacks_restores_as_the_models_own(tmp_path: Path) -> None:
+    """A1111's "DPM++ 2M SDE" with "Karras" set the form's scheduler to Default without a word. A diffusers class
+    name (how a model's own scheduler without an A1111 name is recorded: DEIS) is that model's own, said silently."""
     studio = Studio(tiny_settings(tmp_path))
     names = ("steps", "scheduler")
-    with pytest.warns(UserWarning, match=r"^Scheduler: must be Default .*; Scheduler left as it was\.$"):
+    message = r"^Scheduler: DreamSketch has no 'DPM\+\+ 2M SDE Karras'; the model's own \(Default\) instead\.$"
+    with pytest.warns(UserWarning, match=message):
         values = form_values({"steps": 20, "scheduler": "DPM++ 2M SDE Karras"}, studio, names, "tiny-demo")
-    assert values == [20, SKIP]
-    assert form_values({"steps": 20}, studio, names, "tiny-demo") == [20, DEFAULT_SCHEDULER]  # none: the model's own
+    assert values == [20, DEFAULT_SCHEDULER]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for recorded in (None, "DEISMultistepScheduler", "Heun"):
+            expected = recorded if recorded == "Heun" else DEFAULT_SCHEDULER
+            assert form_values({"scheduler": recorded}, studio, names, "tiny-demo") == [SKIP, expected]
 
 
 def test_a_restored_size_is_checked_whole_against_the_model_the_form_will_have(tmp_path: Path) -> None:

@@ -290,8 +290,8 @@ def test_progress_counts_the_requests_steps_whatever_the_unet_evaluations(engine
     total = 8 if mode == "txt2img" else 4
     assert {s.total for s in steps} == {total} and len(steps) > total  # each evaluation reports
     counted = [s.step for s in steps]
-    assert counted == sorted(counted) and counted[0] == 1 and counted[-1] == total
-    assert set(counted) == set(range(1, total + 1))
+    assert counted == sorted(counted) and set(range(1, total + 1)) <= set(counted) <= set(range(total + 1))
+    assert counted[-2] < counted[-1] == total  # all done only when the last evaluation is
 
 
 def test_img2img_strength_sets_the_steps(engine):
