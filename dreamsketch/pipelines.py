@@ -26,7 +26,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
-from diffusers.loaders.single_file_utils import fetch_diffusers_config
+from diffusers.loaders.single_file_utils import SingleFileComponentError, fetch_diffusers_config
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
@@ -119,11 +119,14 @@ def is_cached(repo_id: str) -> bool:
 
 
 def missing_components(folder: Path) -> list[str]:
-    """The components of the diffusers pipeline in `folder` whose files are not there: an interrupted download
-    leaves model_index.json without some of them, and a model without weights must not look ready."""
+    """The components of the diffusers pipeline in `folder` whose files are not there or cannot be read: an
+    interrupted download leaves model_index.json without some of them, or a file cut short, and a model without
+    weights must not look ready."""
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):
         return ["model_index.json"]
     return [
         name
@@ -134,13 +137,15 @@ def missing_components(folder: Path) -> list[str]:
 
 def complete(component: Path) -> bool:
     """A component folder with its files: a model's config.json and weights (every shard its index names, none of
-    them empty), or a tokenizer's or scheduler's files (which have no weights)."""
+    them empty, every .safetensors file whole), or a tokenizer's or scheduler's files (which have no weights)."""
     files = {path.name: path for path in component.glob("*") if path.is_file()}  # a broken link is no file
     weights = [name for name in files if name.endswith(WEIGHT_SUFFIXES)]
     indexes = [name for name in files if name.endswith(".index.json")]
     if not weights and not indexes:
         return bool(files) and "config.json" not in files
     if "config.json" not in files or any(files[name].stat().st_size == 0 for name in weights):
+        return False
+    if any(not whole_safetensors(files[name]) for name in weights if name.endswith(".safetensors")):
         return False
     for index in indexes:
         try:
@@ -199,6 +204,8 @@ def weights_state(spec: ModelSpec) -> str:
         return "needs download" if spec.source_kind == "single_file" and not config_cached(spec) else "ready offline"
     if not Path(spec.source).exists():
         return "missing"
+    if spec.source_kind == "folder" and is_diffusers_folder(spec.source):
+        return "incomplete"
     return "damaged" if spec.source_kind == "single_file" and unreadable(spec) else "configs not found"
 
 
@@ -230,9 +237,18 @@ def safetensors_header(source: str) -> dict[str, SimpleNamespace] | None:
         return None
 
 
+def whole_safetensors(path: Path) -> bool:
+    """Whether a .safetensors file's header reads and the file holds all the bytes it names (nothing is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
 def unreadable(spec: ModelSpec) -> bool:
     """A single .safetensors file that cannot be read as one (what a .ckpt holds is known only when loading it)."""
-    return spec.source.lower().endswith(".safetensors") and safetensors_header(spec.source) is None
+    return spec.source.lower().endswith(".safetensors") and not whole_safetensors(Path(spec.source))
 
 
 # Hub repos that diffusers' guess of a single file's base model still names, and where their configs are now.
@@ -250,7 +266,7 @@ def inferred_config(source: str) -> str | None:
         repo = str(fetch_diffusers_config(header)["pretrained_model_name_or_path"])
         return MOVED_REPOS.get(repo, repo)
     except Exception:  # diffusers' guess meets weights of other models than it expects (KeyError, ValueError, ...)
-        log.warning("could not tell which base model %s is", source, exc_info=True)
+        log.warning("could not tell which base model %s is", source, exc_info=log.isEnabledFor(logging.DEBUG))
         return None
 
 
@@ -263,7 +279,8 @@ def unavailable_reason(spec: ModelSpec) -> str:
         missing = ", ".join(missing_components(index.parent))
         return f"the local cache lacks its {missing} (an interrupted download?) and {hub_unusable()}"
     if spec.source_kind == "folder" and is_diffusers_folder(spec.source):
-        return f"the folder lacks its {', '.join(missing_components(Path(spec.source)))}"
+        parts = ", ".join(missing_components(Path(spec.source)))
+        return f"the folder's {parts}: missing, empty or cut short (an interrupted copy or download?)"
     if spec.source_kind != "single_file" or not Path(spec.source).is_file():
         return "the weights are not where `source` points"
     if unreadable(spec):
@@ -445,7 +462,7 @@ class PipelineCache:
         except (ValueError, RuntimeError) as exc:  # configs against weights, a class that does not exist
             if isinstance(exc, ModelUnavailableError) or not damaged(exc):  # a single file's own; memory; a bug
                 raise
-            log.warning("loading %s failed", spec.id, exc_info=True)
+            log.warning("loading %s failed", spec.id, exc_info=log.isEnabledFor(logging.DEBUG))  # the reply says why
             raise ModelUnavailableError(
                 unavailable_message(spec, f"its files do not fit together ({brief(exc)})")
             ) from None
@@ -464,10 +481,13 @@ class PipelineCache:
             )
         except LocalEntryNotFoundError:
             raise ModelUnavailableError(unavailable_message(spec, configs_missing(spec))) from None
+        except SingleFileComponentError as exc:  # the file of one component (a UNet alone), not a whole checkpoint
+            reason = f"the file lacks a part of the pipeline ({brief(exc)})"
+            raise ModelUnavailableError(unavailable_message(spec, reason)) from None
         except (ValueError, KeyError, RuntimeError) as exc:  # weights of other shapes or names than the configs
             if not damaged(exc):
                 raise
-            log.warning("loading %s failed", spec.id, exc_info=True)
+            log.warning("loading %s failed", spec.id, exc_info=log.isEnabledFor(logging.DEBUG))  # the reply says why
             configs = f"`config` ({spec.config})" if spec.config else "the configs diffusers chose for it"
             raise ModelUnavailableError(
                 unavailable_message(spec, f"the checkpoint does not fit {configs} ({brief(exc)})")

@@ -15,8 +15,8 @@ from dreamsketch.schedulers import SCHEDULERS
 FAMILIES = ("sd15", "sd2", "sdxl")
 BUILTIN_TINY = "builtin:tiny"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # fullmatch: "$" would let a final newline through
+_MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _REQUIRED = ("id", "name", "source", "family", "width", "height", "steps", "guidance_scale")
 _OPTIONAL = ("scheduler", "description", "config", "prompts")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -182,7 +182,9 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
     for field in ("id", "name", "source"):
         if not isinstance(entry[field], str) or not entry[field].strip():
             raise fail(field, "must be a non-empty string")
-    if not _MODEL_ID.match(entry["id"]):
+        if any(not character.isprintable() for character in entry[field]):  # a newline would break lists and tables
+            raise fail(field, "must be one line of printable characters")
+    if not _MODEL_ID.fullmatch(entry["id"]):
         raise fail("id", "lower-case letters, digits, '.', '_' and '-' only")
     if entry["family"] not in FAMILIES:
         raise fail("family", f"must be one of {', '.join(FAMILIES)}")
@@ -233,7 +235,7 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
     )
     if source.lower().endswith(SINGLE_FILE_SUFFIXES) and spec.source_kind != "single_file":
         raise fail("source", "a single file's suffix is read in lower case (.safetensors or .ckpt): rename the file")
-    if spec.source_kind == "hub" and not _REPO_ID.match(source):
+    if spec.source_kind == "hub" and not _REPO_ID.fullmatch(source):
         raise fail("source", "not a Hub repo id (owner/name), a local path, a .safetensors/.ckpt file or builtin:tiny")
     config_rule = _config_rule(spec)
     if config_rule:
@@ -249,7 +251,7 @@ def _config_rule(spec: ModelSpec) -> str | None:
         return "only for a single-file .safetensors/.ckpt source"
     if spec.config_kind == "folder" and not is_diffusers_folder(spec.config):
         return f"no diffusers folder at {spec.config} (model_index.json missing)"
-    if spec.config_kind == "hub" and not _REPO_ID.match(spec.config):
+    if spec.config_kind == "hub" and not _REPO_ID.fullmatch(spec.config):
         return "not a local diffusers folder or a Hub repo id (owner/name)"
     return None
 

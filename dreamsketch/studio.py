@@ -59,11 +59,14 @@ def choose_default_model(settings: Settings, registry: Registry) -> str:
         if spec.id not in OFFLINE_MODELS and spec.source_kind != "builtin" and is_available(spec):
             log.info("default model: %s (its weights are usable now)", spec.id)
             return spec.id
-    for model_id in OFFLINE_MODELS:
-        if model_id in registry and is_available(registry.get(model_id)):
-            log.info("default model: %s (no other model's weights are cached or downloadable now)", model_id)
-            return model_id
-    raise SettingsError(f"{registry.path}: no model is usable now; add tiny-demo (source: builtin:tiny)")
+    offline = [registry.get(model_id) for model_id in OFFLINE_MODELS if model_id in registry]
+    for spec in [*offline, *(spec for spec in registry if spec.source_kind == "builtin")]:
+        if is_available(spec):
+            log.info("default model: %s (no other model's weights are cached or downloadable now)", spec.id)
+            return spec.id
+    first = next(iter(registry)).id  # the app starts, shows each model's state and says why on Generate
+    log.warning("no model in %s is usable now (add tiny-demo, source: builtin:tiny); default: %s", registry.path, first)
+    return first
 
 
 def remote_default_model(settings: Settings, registry: Registry) -> str:

@@ -108,7 +108,9 @@ def test_damaged_weights_fail_before_the_loaded_model_makes_room(settings, tmp_p
     engine = LocalEngine(settings, load_registry(registry))
     engine.preload("tiny-demo")
     engine.cache.device = torch.device(device)  # the failure comes before anything would go onto it
-    with pytest.raises(ModelUnavailableError, match="'damaged'.*could not be read.*Check `source`") as refused:
+    with pytest.raises(
+        ModelUnavailableError, match="'damaged'.*the folder's unet: missing, empty or cut short.*Check `source`"
+    ) as refused:
         engine.preload("damaged")
     assert engine.loaded_ids() == ["tiny-demo"]
     assert "internet" not in str(refused.value)  # a local folder: connecting would not help
@@ -199,10 +201,10 @@ def test_a_folder_or_cached_repo_without_some_components_is_not_ready(hub_settin
     models = [entry("partial-folder", str(folder)), entry("partial-hub", TINY_REPO), entry("tiny-demo", "builtin:tiny")]
     studio = Studio(dataclasses.replace(hub_settings, models_file=write_registry(tmp_path / "p.yaml", models)))
     weights = {m["id"]: (m["weights"], m["available"]) for m in studio.models()}
-    assert weights["partial-folder"] == ("configs not found", False)
+    assert weights["partial-folder"] == ("incomplete", False)
     assert weights["partial-hub"] == ("partly cached, Hub offline", False)
     assert studio.default_model == "tiny-demo"
-    for model_id, words in (("partial-folder", "the folder lacks its tokenizer"), ("partial-hub", "lacks its unet")):
+    for model_id, words in (("partial-folder", "the folder's tokenizer: missing"), ("partial-hub", "lacks its unet")):
         with pytest.raises(ModelUnavailableError, match=f"'{model_id}'.*{words}"):
             studio.engine.preload(model_id)
 
@@ -215,9 +217,19 @@ def shards_without_weights(unet):
         path.unlink()
 
 
+def cut_short(unet):
+    for path in unet.glob("*.safetensors"):
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+
+
 INCOMPLETE_UNETS = {
     "an index without its shards": shards_without_weights,
     "empty weights": lambda unet: [path.write_bytes(b"") for path in unet.glob("*.safetensors")],
+    "weights cut short": cut_short,  # were listed ready offline and could become the default
+    "not weights at all": lambda unet: [
+        path.write_bytes(bytes(range(256)) * 64) for path in unet.glob("*.safetensors")
+    ],
     "weights without config.json": lambda unet: (unet / "config.json").unlink(),
 }
 
@@ -228,6 +240,24 @@ def test_what_an_interrupted_download_leaves_is_incomplete(tmp_path, tiny_pipeli
     assert dreamsketch.pipelines.missing_components(folder) == []
     INCOMPLETE_UNETS[damage](folder / "unet")
     assert dreamsketch.pipelines.missing_components(folder) == ["unet"]
+
+
+@pytest.mark.parametrize("index", ["[1, 2]", "null", "{not json"])
+def test_a_folder_whose_model_index_is_no_object_is_incomplete_not_a_crash(
+    settings, tmp_path, tiny_pipeline_dir, index
+):
+    """A model_index.json of valid JSON that is not an object stopped the app at start (AttributeError)."""
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "odd")
+    (folder / "model_index.json").write_text(index)
+    models = [entry("odd", str(folder)), entry("tiny-demo", "builtin:tiny")]
+    registry = write_registry(tmp_path / "o.yaml", models)
+    studio = Studio(dataclasses.replace(settings, models_file=registry, default_model=None))
+    assert studio.default_model == "tiny-demo"
+    assert studio.engine.model_state(studio.registry.get("odd")) == ("incomplete", False)
+    with pytest.raises(
+        ModelUnavailableError, match="'odd'.*the folder's model_index.json: missing, empty or cut short"
+    ):
+        studio.engine.preload("odd")
 
 
 def test_out_of_memory_and_bugs_while_loading_are_not_called_damaged_files(settings, monkeypatch):
@@ -359,6 +389,24 @@ def test_default_model_is_the_first_usable_then_the_offline_one(hub_settings, se
     (tmp_path / "model_index.json").write_text("{}")
     assert choose_default_model(hub_settings, load_registry(shapes)) == "tiny-shapes"
     assert choose_default_model(dataclasses.replace(hub_settings, default_model="tiny-demo"), registry) == "tiny-demo"
+    builtin = write_registry(tmp_path / "builtin.yaml", [entry("uncached-hub", "a/b"), entry("m2", "builtin:tiny")])
+    assert choose_default_model(hub_settings, load_registry(builtin)) == "m2"  # a built-in model of another name
+
+
+def test_a_registry_with_no_usable_model_still_starts_and_says_why(settings, tmp_path, caplog):
+    """It refused to start at all, so `models` could not even show what was wrong."""
+    models = [entry("uncached-hub", "nobody-here/not-cached"), entry("gone", str(tmp_path / "gone"))]
+    studio = Studio(
+        dataclasses.replace(settings, models_file=write_registry(tmp_path / "none.yaml", models), default_model=None)
+    )
+    assert studio.default_model == "uncached-hub"
+    assert "no model in" in caplog.text and "is usable now" in caplog.text
+    assert {m["id"]: m["weights"] for m in studio.models()} == {
+        "uncached-hub": "not cached, Hub offline",
+        "gone": "missing",
+    }
+    with pytest.raises(ModelUnavailableError, match="'uncached-hub'.*tiny-demo"):
+        studio.generate(studio.parse({"prompt": "x"}, "txt2img"))
 
 
 def test_unknown_default_model_fails_at_start(settings):

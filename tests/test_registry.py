@@ -45,6 +45,9 @@ def test_shipped_registry_has_the_seed_models():
         ({"source": "builtin:huge"}, "source", "builtin:tiny"),
         ({"source": "not a repo id"}, "source", "not a Hub repo id"),
         ({"id": "Has Spaces"}, "id", "lower-case"),
+        ({"id": "abc\n"}, "id", "one line of printable characters"),  # "$" let a final newline through
+        ({"name": "Two\nlines"}, "name", "one line of printable characters"),
+        ({"source": "owner/repo\n"}, "source", "one line of printable characters"),
         ({"colour": "red"}, "colour", "unknown field"),
         ({"config": "owner/base"}, "config", "only for a single-file .safetensors/.ckpt source"),
         ({"source": "m.safetensors", "config": ""}, "config", "non-empty"),

@@ -248,6 +248,17 @@ def test_a_safetensors_file_cut_short_is_listed_damaged_not_ready(settings, tmp_
     assert studio.engine.loaded_ids() == [] and studio.gallery.count() == 0
 
 
+def test_the_file_of_one_component_is_refused_with_a_message(settings, tmp_path, config_dir, tiny_pipeline_dir):
+    """A diffusers folder's UNet weights registered as a single file: diffusers' SingleFileComponentError escaped as
+    a traceback (the CLI) or an internal error (HTTP)."""
+    unet_only = next((tiny_pipeline_dir / "unet").glob("*.safetensors"))
+    models = [entry("unet-only", str(unet_only), config=str(config_dir)), entry("tiny-demo", "builtin:tiny")]
+    studio = Studio(dataclasses.replace(settings, models_file=write_registry(tmp_path / "one.yaml", models)))
+    with pytest.raises(ModelUnavailableError, match="'unet-only'.*the file lacks a part of the pipeline"):
+        studio.generate(studio.parse({"prompt": "a fox", "model_id": "unet-only"}, "txt2img"))
+    assert studio.engine.loaded_ids() == [] and studio.gallery.count() == 0
+
+
 def test_a_ckpt_without_config_is_tried_when_loading(settings, tmp_path, empty_hf_home, checkpoints):
     """Which configs diffusers would take for a .ckpt is known only by loading it (a pickle, not a header)."""
     registry = write_registry(
