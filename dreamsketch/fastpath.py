@@ -117,7 +117,7 @@ def drop_graphs(pipe: Any) -> bool:
 
 # How CUDA's own allocation failures and cuBLAS's and cuDNN's read: torch raises them as plain RuntimeErrors (or, from
 # 2.8, AcceleratorErrors), not as the OutOfMemoryError of its caching allocator; MPS's "MPS backend out of memory" too.
-OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED")
+OUT_OF_MEMORY = ("out of memory", "ALLOC_FAILED", "ALLOCATION_FAILED")  # cuBLAS, cuDNN 8; cuDNN 9
 TORCH_ERRORS = (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError))
 
 

@@ -139,7 +139,8 @@ def complete(component: Path) -> bool:
     """A component folder with its files: a model's config.json and weights (every shard its index names, none of
     them empty, every .safetensors file whole), or a tokenizer's or scheduler's files (which have no weights)."""
     files = {path.name: path for path in component.glob("*") if path.is_file()}  # a broken link is no file
-    weights = [name for name in files if name.endswith(WEIGHT_SUFFIXES)]
+    # Variants (model.fp16.safetensors, maybe only git-LFS pointers) are not what DreamSketch loads: not judged
+    weights = [name for name in files if name.endswith(WEIGHT_SUFFIXES) and name.count(".") == 1]
     indexes = [name for name in files if name.endswith(".index.json")]
     if not weights and not indexes:
         return bool(files) and "config.json" not in files
@@ -462,7 +463,7 @@ class PipelineCache:
         except (ValueError, RuntimeError) as exc:  # configs against weights, a class that does not exist
             if isinstance(exc, ModelUnavailableError) or not damaged(exc):  # a single file's own; memory; a bug
                 raise
-            log.warning("loading %s failed", spec.id, exc_info=log.isEnabledFor(logging.DEBUG))  # the reply says why
+            log.warning("loading %s failed: %s", spec.id, brief(exc), exc_info=log.isEnabledFor(logging.DEBUG))
             raise ModelUnavailableError(
                 unavailable_message(spec, f"its files do not fit together ({brief(exc)})")
             ) from None
@@ -487,7 +488,7 @@ class PipelineCache:
         except (ValueError, KeyError, RuntimeError) as exc:  # weights of other shapes or names than the configs
             if not damaged(exc):
                 raise
-            log.warning("loading %s failed", spec.id, exc_info=log.isEnabledFor(logging.DEBUG))  # the reply says why
+            log.warning("loading %s failed: %s", spec.id, brief(exc), exc_info=log.isEnabledFor(logging.DEBUG))
             configs = f"`config` ({spec.config})" if spec.config else "the configs diffusers chose for it"
             raise ModelUnavailableError(
                 unavailable_message(spec, f"the checkpoint does not fit {configs} ({brief(exc)})")

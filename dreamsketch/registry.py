@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ BUILTIN_TINY = "builtin:tiny"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # fullmatch: "$" would let a final newline through
 _MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
+LINE_BREAKS = ("Cc", "Zl", "Zp")  # Unicode categories: control characters (\n, \t, ...), line and paragraph separators
 _REQUIRED = ("id", "name", "source", "family", "width", "height", "steps", "guidance_scale")
 _OPTIONAL = ("scheduler", "description", "config", "prompts")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -182,8 +184,9 @@ def _parse_entry(path: Path, index: int, entry: Any) -> ModelSpec:
     for field in ("id", "name", "source"):
         if not isinstance(entry[field], str) or not entry[field].strip():
             raise fail(field, "must be a non-empty string")
-        if any(not character.isprintable() for character in entry[field]):  # a newline would break lists and tables
-            raise fail(field, "must be one line of printable characters")
+    for field in ("id", "name"):  # shown in lists and tables; `source` is read without its surrounding blanks
+        if any(unicodedata.category(character) in LINE_BREAKS for character in entry[field]):
+            raise fail(field, "must be one line, without control characters (a folded YAML '>' ends in a newline)")
     if not _MODEL_ID.fullmatch(entry["id"]):
         raise fail("id", "lower-case letters, digits, '.', '_' and '-' only")
     if entry["family"] not in FAMILIES:

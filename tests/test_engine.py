@@ -385,8 +385,9 @@ def test_half_precision_vae_nan_is_decoded_again_in_fp32(settings):
         # CUDA's and its libraries' own allocation failures, which torch raises as other errors
         torch.AcceleratorError("CUDA error: out of memory"),
         RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"),
     ],
-    ids=["allocator", "cuda", "cublas"],
+    ids=["allocator", "cuda", "cublas", "cudnn9"],
 )
 def test_out_of_memory_asks_for_smaller_work_and_the_next_request_runs(engine, error):
     unet = engine.cache.get("tiny-demo").txt2img.unet

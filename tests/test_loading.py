@@ -97,20 +97,19 @@ def test_a_model_that_cannot_load_pushes_out_no_loaded_model(hub_settings):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_damaged_weights_fail_before_the_loaded_model_makes_room(settings, tmp_path, tiny_pipeline_dir, device):
-    """The weights are read into host memory before anything leaves the device: damaged ones fail there."""
+    """The weights are read into host memory before anything leaves the device: weights that do not fit their
+    config (a file whose header reads, so that the model is listed ready) fail there."""
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_pipeline_dir, damaged)
-    for weights in damaged.glob("unet/*.safetensors"):
-        weights.write_bytes(weights.read_bytes()[:100])
+    doubled(damaged / "unet" / "config.json", "block_out_channels")
     registry = write_registry(
         tmp_path / "damaged.yaml", [entry("tiny-demo", "builtin:tiny"), entry("damaged", str(damaged))]
     )
     engine = LocalEngine(settings, load_registry(registry))
     engine.preload("tiny-demo")
+    assert engine.model_state(engine.cache.registry.get("damaged")) == ("ready offline", True)
     engine.cache.device = torch.device(device)  # the failure comes before anything would go onto it
-    with pytest.raises(
-        ModelUnavailableError, match="'damaged'.*the folder's unet: missing, empty or cut short.*Check `source`"
-    ) as refused:
+    with pytest.raises(ModelUnavailableError, match="'damaged'.*do not fit together.*Check `source`") as refused:
         engine.preload("damaged")
     assert engine.loaded_ids() == ["tiny-demo"]
     assert "internet" not in str(refused.value)  # a local folder: connecting would not help
@@ -237,6 +236,8 @@ INCOMPLETE_UNETS = {
 @pytest.mark.parametrize("damage", INCOMPLETE_UNETS)
 def test_what_an_interrupted_download_leaves_is_incomplete(tmp_path, tiny_pipeline_dir, damage):
     folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "partial")
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1000\n"
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(pointer)  # a variant never loaded
     assert dreamsketch.pipelines.missing_components(folder) == []
     INCOMPLETE_UNETS[damage](folder / "unet")
     assert dreamsketch.pipelines.missing_components(folder) == ["unet"]

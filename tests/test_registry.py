@@ -45,9 +45,9 @@ def test_shipped_registry_has_the_seed_models():
         ({"source": "builtin:huge"}, "source", "builtin:tiny"),
         ({"source": "not a repo id"}, "source", "not a Hub repo id"),
         ({"id": "Has Spaces"}, "id", "lower-case"),
-        ({"id": "abc\n"}, "id", "one line of printable characters"),  # "$" let a final newline through
-        ({"name": "Two\nlines"}, "name", "one line of printable characters"),
-        ({"source": "owner/repo\n"}, "source", "one line of printable characters"),
+        ({"id": "abc\n"}, "id", "must be one line, without control characters"),  # "$" let a final newline through
+        ({"name": "Two\nlines"}, "name", "must be one line"),
+        ({"name": "folded >\n"}, "name", "a folded YAML '>' ends in a newline"),
         ({"colour": "red"}, "colour", "unknown field"),
         ({"config": "owner/base"}, "config", "only for a single-file .safetensors/.ckpt source"),
         ({"source": "m.safetensors", "config": ""}, "config", "non-empty"),
@@ -68,6 +68,20 @@ def test_bad_entry_names_file_entry_and_field(tmp_path, change, field, rule):
         load_registry(path)
     message = str(error.value)
     assert str(path) in message and "entry 2 (" in message and f"field '{field}'" in message and rule in message
+
+
+def test_names_in_any_script_and_a_folded_source_are_taken(tmp_path):
+    names = [
+        "SD\u00a01.5",
+        "Modèle\u202f: rapide",
+        "ドリーム\u3000シェイパー",
+        "Family 👨\u200d👩\u200d👧",
+        "soft\u00adhyphen",
+    ]
+    models = [{**entry(f"m{i}", "builtin:tiny"), "name": name} for i, name in enumerate(names)]
+    models.append(entry("folded", "owner/repo\n"))  # `source: >` ends in a newline, read without it
+    registry = load_registry(write_registry(tmp_path / "models.yaml", models))
+    assert [spec.name for spec in registry][:-1] == names and registry.get("folded").source == "owner/repo"
 
 
 def test_prompts_are_optional_and_kept_in_order(tmp_path):
