@@ -888,9 +888,14 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
 
     grid.select(select, inputs=names, outputs=[chosen, params_text, details], **PRIVATE)
 
-    def remove(file_name: str | None, page_number: int):  # type: ignore[no-untyped-def]
+    def remove(file_name: str | None, page_number: int, file_names: list[str]):  # type: ignore[no-untyped-def]
         if file_name is None:
             return leave_as_is("Select an image first.", len(page_outputs))
+        if any(studio.gallery.file_path(name) is None for name in file_names):
+            # A picture of the page went meanwhile: Gradio refuses a click on it before it reaches `select`, and the
+            # grid shows it selected while the picture chosen before stays chosen. Delete nothing that is not seen.
+            gr.Warning("The gallery changed since this page was shown: here it is again; select the picture anew.")
+            return show(page_number)
         entry = studio.gallery.find(file_name)
         if entry is not None:
             try:
@@ -900,7 +905,7 @@ def build_gallery_tab(studio: Studio, t2i: Form, tabs: gr.Tabs) -> tuple[gr.Stat
             gr.Info(f"Deleted image #{entry.id}.")
         return show(page_number)
 
-    delete.click(remove, inputs=[chosen, page], outputs=page_outputs, **PRIVATE)
+    delete.click(remove, inputs=[chosen, page, names], outputs=page_outputs, **PRIVATE)
 
     def restore_into_form(nothing: str) -> Callable[[str, str], list[Any]]:
         def restore_entry(text: str, form_model: str) -> list[Any]:
