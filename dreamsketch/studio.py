@@ -156,13 +156,20 @@ class Studio:
             if cancel.is_set():
                 raise GenerationCancelled
         except BaseException:
-            for entry in entries:
-                try:
-                    self.gallery.delete(entry.file_name)
-                except Exception:  # the first failure is the one to report; take back what can be taken back
-                    log.exception("could not take back %s of a batch that was not saved whole", entry.file_name)
+            self._take_back(entries)
             raise
         return entries
+
+    def discard(self, result: StudioResult) -> None:
+        """Take a result's pictures back out of the gallery: its caller went away just as they were saved."""
+        self._take_back(result.entries)
+
+    def _take_back(self, entries: list[GalleryEntry]) -> None:
+        for entry in entries:
+            try:
+                self.gallery.delete(entry.file_name)
+            except Exception:  # the first failure is the one to report; take back what can be taken back
+                log.exception("could not take back %s, saved for a caller that is gone", entry.file_name)
 
     def shut_down(self) -> None:
         """Refuse new requests and cancel the running and waiting ones: each stops within a step, saves nothing, and

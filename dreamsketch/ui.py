@@ -151,14 +151,20 @@ class _Done:
 Generate = Callable[..., StudioResult]
 
 
-async def run_generation(generate: Generate, request: Any, previews: bool) -> AsyncIterator[Progressed | StudioResult]:
-    """Yield Progressed items (coalesced to the latest), then the StudioResult; a cancelled consumer stops the work.
+async def run_generation(
+    generate: Generate, request: Any, previews: bool, discard: Callable[[StudioResult], None]
+) -> AsyncIterator[Progressed | StudioResult]:
+    """Yield Progressed items (coalesced to the latest), then the StudioResult; a cancelled consumer stops the work,
+    and a result that comes too late for it is `discard`ed (saved just as the cancel came: nobody will see it).
 
     With `previews`, the first step has a preview and later steps one at most every PREVIEW_INTERVAL_S."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[Progressed | _Done] = asyncio.Queue()
     cancel = threading.Event()
     last_preview = -PREVIEW_INTERVAL_S
+    handoff = threading.Lock()  # between the result's arrival and the consumer's end
+    unseen: list[StudioResult] = []  # a result put in `items` and not yet taken out
+    closed = False
 
     def put(item: Progressed | _Done) -> None:
         try:
@@ -175,9 +181,16 @@ async def run_generation(generate: Generate, request: Any, previews: bool) -> As
 
     def work() -> None:
         try:
-            put(_Done(generate(request, on_step=on_step, cancel=cancel)))
+            result = generate(request, on_step=on_step, cancel=cancel)
         except BaseException as exc:  # handed to the consumer, which decides what the user sees
             put(_Done(exc))
+            return
+        with handoff:
+            if not closed:
+                unseen.append(result)
+                put(_Done(result))
+                return
+        discard(result)
 
     context = contextvars.copy_context()
     threading.Thread(target=context.run, args=(work,), name="dreamsketch-generate", daemon=True).start()
@@ -195,11 +208,17 @@ async def run_generation(generate: Generate, request: Any, previews: bool) -> As
                 continue
             if isinstance(item.outcome, BaseException):
                 raise item.outcome
+            with handoff:
+                unseen.clear()
             yield item.outcome
             return
     finally:
         watcher.cancel()
         cancel.set()
+        with handoff:
+            closed = True
+        for result in unseen:  # off the event loop: taking back is disk and index work
+            threading.Thread(target=discard, args=(result,), name="dreamsketch-discard", daemon=True).start()
 
 
 CLIENT_CHECK_S = 0.5  # how often a running event looks whether its client is still there
@@ -418,7 +437,7 @@ class Handlers:
         try:
             request = await self.parse(mode, values)
             result = None
-            async for item in run_generation(self.generate, request, previews=False):
+            async for item in run_generation(self.generate, request, False, self.studio.discard):
                 if isinstance(item, Progressed):
                     progress((item.step, item.total), desc="Denoising", unit="steps")
                 else:
@@ -530,7 +549,7 @@ class Handlers:
         try:
             request = await self.parse(mode, values)
             progress((0, request.denoising_steps), desc="Waiting for the device", unit="steps")
-            async for item in run_generation(self.generate, request, previews=True):
+            async for item in run_generation(self.generate, request, True, self.studio.discard):
                 if isinstance(item, Progressed):
                     # Each yield hides Gradio's progress bar until the next progress message: yield only with a
                     # preview, and before the progress, so that the bar shows for the rest of the step.

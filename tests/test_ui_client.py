@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,13 +264,46 @@ def test_live_previews_are_throttled_and_the_first_step_has_one(monkeypatch, int
         return "result"
 
     async def collect() -> list:
-        return [item async for item in run_generation(generate, None, previews=True)]
+        return [item async for item in run_generation(generate, None, True, discard=pytest.fail)]
 
     items = asyncio.run(collect())
     assert len(made) == computed
     assert items[-1] == "result" and all(isinstance(item, Progressed) for item in items[:-1])
     if len(items) > 1:  # the consumer may have been late for every step: then only the result comes
         assert items[0].preview is not None  # step 1's, or carried into the item that replaced it
+
+
+@pytest.mark.parametrize("arrives", ["after the consumer has gone", "before the consumer takes it"])
+def test_a_result_saved_just_as_its_consumer_went_is_taken_back(arrives: str) -> None:
+    """A Cancel that reached the server just after a batch was saved said "nothing was saved" while the pictures
+    stayed in the gallery, seen by no one."""
+    import asyncio
+
+    from dreamsketch.ui import run_generation
+
+    go, saved, discarded = threading.Event(), threading.Event(), []
+
+    def generate(request, on_step, cancel):  # type: ignore[no-untyped-def]
+        (cancel if arrives == "after the consumer has gone" else go).wait(10)  # saved just as the cancel came
+        saved.set()
+        return "result"
+
+    async def cancel_the_consumer() -> None:
+        consumer = asyncio.ensure_future(anext(run_generation(generate, None, False, discarded.append)))
+        await asyncio.sleep(0.2)  # the consumer waits for its items
+        if arrives == "before the consumer takes it":
+            go.set()
+            saved.wait(10)
+            time.sleep(0.1)  # the event loop held meanwhile: the result is put in the queue, not taken out
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+
+    asyncio.run(cancel_the_consumer())
+    deadline = time.monotonic() + 10
+    while not discarded and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert discarded == ["result"]
 
 
 def test_the_browsers_stream_yields_only_previews_each_before_its_progress(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
