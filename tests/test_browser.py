@@ -385,6 +385,8 @@ def test_gallery_tab_pages_reuses_deletes_and_reads_png_info(browser, server: Ru
     # A picture of the page deleted elsewhere (another tab): Gradio refuses a click on it before the app hears of it,
     # so the picture chosen before stayed chosen, and Delete removed it while the grid showed the other selected
     chosen, gone = studio.gallery.list(limit=2)
+    page.get_by_role("button", name="⏮ Newest").click()  # the page of these two (other tests' pictures add pages)
+    expect(label).to_contain_text("Page 1 of", timeout=10_000)
     page.locator("#gallery-grid button.thumbnail-item").nth(0).click()
     expect(parameters).not_to_have_value("", timeout=10_000)
     studio.gallery.delete(gone.file_name)
