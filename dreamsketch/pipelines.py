@@ -186,7 +186,7 @@ def is_available(spec: ModelSpec) -> bool:
     if kind == "folder":
         return is_diffusers_folder(spec.source) and not missing_components(Path(spec.source))
     if kind == "single_file":
-        return Path(spec.source).is_file() and not unreadable(spec) and config_available(spec)
+        return single_file_state(spec) in USABLE_NOW
     return complete_snapshot(spec.source) or hub_reachable()
 
 
@@ -201,18 +201,30 @@ def weights_state(spec: ModelSpec) -> str:
         if hub_reachable():
             return "needs download"
         return "partly cached, Hub offline" if is_cached(spec.source) else "not cached, Hub offline"
+    if spec.source_kind == "single_file":
+        return single_file_state(spec)
     if is_available(spec):
-        return "needs download" if spec.source_kind == "single_file" and not config_cached(spec) else "ready offline"
+        return "ready offline"
     if not Path(spec.source).exists():
         return "missing"
-    if spec.source_kind == "folder" and is_diffusers_folder(spec.source):
-        return "incomplete"
-    return "damaged" if spec.source_kind == "single_file" and unreadable(spec) else "configs not found"
+    return "incomplete" if spec.source_kind == "folder" and is_diffusers_folder(spec.source) else "configs not found"
 
 
-def config_available(spec: ModelSpec) -> bool:
-    """Whether a single file's configs can be read now: on this machine, or from the Hub."""
-    return config_cached(spec) or (spec.config_kind != "folder" and hub_reachable())
+def single_file_state(spec: ModelSpec) -> str:
+    """weights_state() of a single-file checkpoint, each question asked once (diffusers' guess of the base repo
+    reads every weight's name and shape from the header): the file, then where its configs are."""
+    path = Path(spec.source)
+    if not path.exists():
+        return "missing"
+    if unreadable(spec):
+        return "damaged"
+    if not path.is_file():
+        return "configs not found"
+    if config_cached(spec):
+        return "ready offline"
+    if spec.config_kind != "folder" and hub_reachable():
+        return "needs download"
+    return "configs not found"
 
 
 def config_cached(spec: ModelSpec) -> bool:
