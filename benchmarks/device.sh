@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on the lent H100/H200, in one command (see benchmarks/README.md), most wanted
-# first, so that a call cut short by its time limit still leaves whole figures. The targets still open come first:
-# gpu_pipeline for SD 1.5 (0.3 s, now with the VAE in torch's default memory format; it also fills the compile
-# cache), the fast path's first call in a fresh process with that cache warm (15 s), the CUDA tests, where a
-# compiled SD 1.5 request's time goes (request_phases) with the compiled VAE decoder as an experiment, the fast path
-# with only the UNet's two top levels compiled (cold and warm first call); then SDXL, whose targets are met:
-# gpu_pipeline, request_phases of the default engine, the warm first call.
+# first, so that a call cut short by its time limit still leaves whole figures: gpu_pipeline for SD 1.5 (it also
+# fills the compile cache), the fast path's first call in a fresh process with that cache warm, the CUDA tests,
+# SDXL's gpu_pipeline, where a compiled SD 1.5 request's time goes (request_phases), SDXL's warm first call and
+# its default engine's phases.
 # On 2026-11-27 (fourth run, an H100 with a fast host) SD 1.5's gpu_pipeline took 2.9 min, request_phases 1.4, the
 # warm first call 0.6, the CUDA tests 1.4, SDXL's gpu_pipeline 3.3 (--runs 3). Run it unpiped: a pipe (grep, tail)
 # holds back the last lines, and the reply's tail then hides which steps finished.
@@ -50,10 +48,11 @@ step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log
 }
 
 # plain diffusers, the default engine (the fast path without compilation) and the compiled fast path, with torch's
-# compile steps and their times (tracing, inductor): 0.303 s on 2026-11-27 with the VAE in channels_last
+# compile steps and their times (tracing, inductor); the fast path now compiles in the background while the eager
+# UNet's CUDA graphs serve: the first picture's time, and when the compiled UNet takes over (cold: 107.8 s on
+# 2026-11-27 before the first picture)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
-# with torch's compile log: what the warm restart spends its time on (16.4 s on 2026-11-27, 9.0 s of it dynamo
-# tracing the 16 block graphs again; target 15 s)
+# the same in a fresh process with the compile cache warm (16.4 s before the first picture on 2026-11-27)
 step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --first-call "$@"
 if wanted cuda_tests; then
@@ -62,20 +61,9 @@ if wanted cuda_tests; then
         | tee "$WORK/cuda_tests.txt"
     pack
 fi
-# the compile cache is warm now: where the compiled request's time goes, then with the VAE decoder's blocks
-# compiled too (21.7 ms against 30.5 ms eager on 2026-11-27, at 28 s more cold compilation)
-step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 \
-    --compile-vae "$@"
-# an experiment for the first-call targets (107.8 s cold, 16.4 s warm on 2026-11-27): only the blocks of the UNet's
-# two top levels compiled (10 graphs instead of 16 to compile and trace; the deeper levels' small latents should
-# gain least from fused kernels), in a compile cache of its own: the cold first call and the request's time, then
-# the warm first call
-top2=(env TORCHINDUCTOR_CACHE_DIR=/tmp/dreamsketch-cache-top2 python3 -m benchmarks.gpu_pipeline --only sd15 \
-    --top-levels 2)
-step gpu_pipeline_sd15_top2 "${top2[@]}" --variants dreamsketch_compile --concurrency "$@"
-step first_call_warm_sd15_top2 "${top2[@]}" --first-call "$@"
-step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl "$@"
-# SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26: the VAE decoding in fp32 at
-# 1024x1024 0.2 s of it, 86 ms of that copies between memory formats, gone since the VAE left channels_last)
-step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant default --profile 30 "$@"
+step gpu_pipeline_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --runs 3 "$@"
+# where the compiled SD 1.5 request's time goes, the VAE now in torch's default memory format
+step request_phases_sd15 python3 -m benchmarks.request_phases --only sd15 --variant compile --profile 30 "$@"
 step first_call_warm_sdxl python3 -m benchmarks.gpu_pipeline --only sdxl --first-call "$@"
+# SDXL's request outside the UNet (0.32 s of 1.65 s with CUDA graphs on 2026-11-26, the VAE then in channels_last)
+step request_phases_sdxl python3 -m benchmarks.request_phases --only sdxl --variant default --profile 30 "$@"

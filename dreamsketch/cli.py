@@ -243,7 +243,7 @@ def preload(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
         try:
             if model_id not in studio.registry:
                 raise ModelUnavailableError(f"unknown model {model_id!r}; known: {', '.join(studio.registry.ids())}")
-            studio.engine.preload(model_id)
+            studio.engine.preload(model_id, compiled=True)
             print(f"ok      {model_id}")
         except (ModelUnavailableError, OSError) as exc:
             failed.append(model_id)

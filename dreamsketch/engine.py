@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dreamsketch.config import Settings
-from dreamsketch.fastpath import out_of_memory
+from dreamsketch.fastpath import out_of_memory, wait_for_compilation
 from dreamsketch.pipelines import USABLE_NOW, LoadedModel, PipelineCache, weights_state
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import GenerationRequest
@@ -160,9 +160,13 @@ class LocalEngine:
         self._waiting: list[_Job] = []  # oldest first
         self._turn = threading.Condition()  # guards _waiting; notified when it changes or a batch ends
 
-    def preload(self, model_id: str) -> None:
+    def preload(self, model_id: str, compiled: bool = False) -> None:
+        """Load the model now; `compiled`: also wait until the fast path has compiled it in the background (its
+        compile cache then serves the next start)."""
         with self.lock:
-            self.cache.get(model_id)
+            model = self.cache.get(model_id)
+        if compiled:
+            wait_for_compilation(model.txt2img)
 
     def loaded_ids(self) -> list[str]:
         return list(self.cache.loaded)

@@ -9,15 +9,19 @@ Same pictures as the plain path, up to fp16 noise.
   persistent folder so that a restart compiles from cache;
 - on CUDA, each call of the UNet and of the text encoders replays a CUDA graph captured once per input shape: one
   UNet step of SD 1.5 at 512x512 is mostly kernel-launch overhead (DESIGN.md, "Performance facts"), and a text
-  encoder's few hundred small kernels are nothing else.
+  encoder's few hundred small kernels are nothing else;
+- on CUDA the blocks compile in the background (CompiledInBackground): requests are served by the eager UNet's
+  CUDA graphs meanwhile, since compiling SD 1.5 from an empty cache takes nearly two minutes on an H100.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,18 +55,36 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor", graphs: bool | 
     """Make a loaded txt2img pipeline fast in place (img2img shares its modules, so it is fast too).
 
     `backend` is torch.compile's (None: no compilation); tests on the CPU use "aot_eager". `graphs`: whether the
-    GRAPHED models' calls replay CUDA graphs (None: on CUDA)."""
+    GRAPHED models' calls replay CUDA graphs (None: on CUDA); with graphs the UNet's blocks compile in the
+    background, without them at the UNet's first call."""
     convert_layout(pipe)
-    if backend is not None:
-        compile_regions(pipe.unet, backend)
-        pipe.unet.forward = with_batch_of_two_at_least(pipe.unet.forward)
-        pipe.unet.forward = with_sides_of_one_eager(pipe.unet.forward, count_halvings(pipe.unet))
     if graphs is None:
         graphs = pipe.device.type == "cuda"
+    twin = compiled_twin(pipe.unet, backend) if graphs and backend is not None else None
     if graphs:
         replay_as_graphs(pipe)
+    if twin is not None:
+        pipe.unet.forward = CompiledInBackground(pipe.unet.forward, CudaGraphs(twin.forward, "the compiled UNet"))
+    elif backend is not None:
+        compile_unet(pipe.unet, backend)
     log.info("fast path on: channels_last UNet, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)
     return pipe
+
+
+def compile_unet(unet: torch.nn.Module, backend: str) -> None:
+    """Compile the UNet's blocks (at its next call), with what keeps later calls from compiling them again."""
+    compile_regions(unet, backend)
+    unet.forward = with_batch_of_two_at_least(unet.forward)
+    unet.forward = with_sides_of_one_eager(unet.forward, count_halvings(unet))
+
+
+def compiled_twin(unet: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """A copy of `unet` with module objects of its own, its blocks compiled, and the same parameter and buffer
+    tensors (it costs no memory): compiling its blocks leaves `unet`'s eager."""
+    shared = {id(tensor): tensor for tensor in (*unet.parameters(), *unet.buffers())}
+    twin = copy.deepcopy(unet, shared)
+    compile_unet(twin, backend)
+    return twin
 
 
 def convert_layout(pipe: Any) -> None:
@@ -105,14 +127,32 @@ def replay_as_graphs(pipe: Any) -> None:
         model.forward = CudaGraphs(model.forward, type(model).__name__)
 
 
+def graph_wrappers(pipe: Any) -> list[CudaGraphs]:
+    """The CudaGraphs that `pipe`'s models replay (the UNet's two while it compiles in the background)."""
+    wrappers: list[CudaGraphs] = []
+    for model in graphed_models(pipe):
+        if isinstance(model.forward, CompiledInBackground):
+            wrappers += [model.forward.eager, model.forward.compiled]
+        elif isinstance(model.forward, CudaGraphs):
+            wrappers.append(model.forward)
+    return wrappers
+
+
 def drop_graphs(pipe: Any) -> bool:
     """Drop the CUDA graphs `pipe`'s models captured (the memory they keep goes back at the next free_memory());
     each shape is captured again at its next call. Whether there were any."""
-    wrappers = [model.forward for model in graphed_models(pipe) if isinstance(model.forward, CudaGraphs)]
+    wrappers = graph_wrappers(pipe)
     captured = any(graph is not None for wrapper in wrappers for graph in wrapper.graphs.values())
     for wrapper in wrappers:
         wrapper.drop()
     return captured
+
+
+def wait_for_compilation(pipe: Any) -> bool:
+    """Wait until the UNet's background compilation (if it has one, and it started) has ended; whether the
+    compiled UNet serves from the next call on (for benchmarks and tests: a server never waits)."""
+    forward = pipe.unet.forward
+    return not isinstance(forward, CompiledInBackground) or forward.wait()
 
 
 # How CUDA's own allocation failures and cuBLAS's and cuDNN's read: torch raises them as plain RuntimeErrors (or, from
@@ -207,6 +247,62 @@ def with_sides_of_one_eager(forward: Callable[..., Any], halvings: int) -> Calla
     return guarded
 
 
+class CompiledInBackground:
+    """The UNet's forward while its compiled twin is made: calls replay CUDA graphs of the eager UNet (`eager`)
+    until a worker thread, started by the first call with a copy of that call's inputs, has compiled the twin's
+    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go. If
+    compilation fails, the eager graphs serve on. The worker runs the twin once on a CUDA stream of its own, as a
+    capture's warm-up calls do (not in inference mode), so that the captures find its code compiled."""
+
+    def __init__(self, eager: CudaGraphs, compiled: CudaGraphs) -> None:
+        self.eager, self.compiled = eager, compiled
+        self.worker: threading.Thread | None = None
+        self.ready = threading.Event()  # the twin compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ready.is_set():
+            if self.eager.graphs:
+                self.eager.drop()
+                free_memory()
+            return self.compiled(*args, **kwargs)
+        output = self.eager(*args, **kwargs)
+        if self.worker is None:
+            self.worker = threading.Thread(target=self._compile, args=self._copies(args, kwargs), daemon=True)
+            self.worker.start()
+        return output
+
+    @staticmethod
+    def _copies(*inputs: Any) -> tuple[Any, ...]:
+        """Normal tensors (not inference tensors, as in a capture), made before the worker reads them."""
+        with torch.inference_mode(False):
+            copies = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, inputs)
+        if cuda_device(copies) is not None:
+            torch.cuda.current_stream().synchronize()
+        return copies
+
+    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        device = cuda_device((args, kwargs))
+        stream = None if device is None else torch.cuda.Stream(device)
+        try:
+            with torch.inference_mode(False), torch.no_grad(), torch.cuda.stream(stream):
+                self.compiled.forward(*args, **kwargs)
+            if stream is not None:
+                stream.synchronize()
+        except Exception as exc:
+            log.warning("compiling the UNet's blocks failed, the fast path goes on without them: %s", exc)
+            log.debug("the failure", exc_info=True)
+            return
+        log.info("compiled the UNet's blocks in %.1f s; the next call switches to them", time.perf_counter() - start)
+        self.ready.set()
+
+    def wait(self) -> bool:
+        """Wait for the worker, if it started; whether the twin compiled."""
+        if self.worker is not None:
+            self.worker.join()
+        return self.ready.is_set()
+
+
 class CudaGraphs:
     """Wraps a module's forward: the first call with a new input signature (tensor shapes and dtypes, other
     arguments' values) captures a CUDA graph; later calls copy their tensors into the graph's inputs and replay
@@ -280,6 +376,11 @@ class CudaGraphs:
         return graph, [x for x in static if isinstance(x, torch.Tensor)], output
 
 
+def cuda_device(tree: Any) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor in `tree`, if any."""
+    return next((x.device for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor) and x.is_cuda), None)
+
+
 def signature(leaves: list[Any], spec: Any) -> tuple | None:
     """What a captured graph is specific to; None when an argument is neither a CUDA tensor nor a plain value."""
     parts: list[Any] = [str(spec)]
@@ -296,7 +397,7 @@ def signature(leaves: list[Any], spec: Any) -> tuple | None:
 
 
 def warm_up(pipe: Any, width: int, height: int) -> None:
-    """Compile and capture ahead of the first request: one short run at the model's native size, in the inference
-    mode that the engine runs requests in (dynamo's graphs are specific to it)."""
+    """Capture (and compile, or start compiling) ahead of the first request: one short run at the model's native
+    size, in the inference mode that the engine runs requests in (dynamo's graphs are specific to it)."""
     with torch.inference_mode():
         pipe(prompt="", num_inference_steps=2, width=width, height=height, output_type="latent")

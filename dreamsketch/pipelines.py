@@ -32,7 +32,14 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors import SafetensorError, safe_open
 
 from dreamsketch.config import Settings, SettingsError
-from dreamsketch.fastpath import apply_fast_path, drop_graphs, free_memory, out_of_memory, warm_up
+from dreamsketch.fastpath import (
+    apply_fast_path,
+    drop_graphs,
+    free_memory,
+    out_of_memory,
+    wait_for_compilation,
+    warm_up,
+)
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
 from dreamsketch.schedulers import make_scheduler
 from dreamsketch.tiny import build_tiny_pipeline
@@ -404,7 +411,9 @@ class PipelineCache:
             self.evict(next(iter(self.loaded)))
 
     def evict(self, model_id: str) -> None:
-        self.loaded.pop(model_id, None)
+        model = self.loaded.pop(model_id, None)
+        if model is not None:
+            wait_for_compilation(model.txt2img)  # a compilation in the background holds the weights until it ends
         free_memory()
         log.info("unloaded %s", model_id)
 
@@ -436,7 +445,8 @@ class PipelineCache:
         return LoadedModel(spec, txt2img, img2img, txt2img.scheduler)
 
     def _warm_up(self, pipe: Any, spec: ModelSpec) -> None:
-        """Compile and capture the native size now; a GPU without the memory for it still runs smaller requests."""
+        """Capture (and compile, or start compiling) the native size now; a GPU without the memory for it still runs
+        smaller requests."""
         try:
             warm_up(pipe, spec.width, spec.height)
             return

@@ -44,7 +44,7 @@ class RemoteEngine:
         else:
             self.client = InferenceClient(provider="hf-inference", token=settings.hf_token, timeout=300)
 
-    def preload(self, model_id: str) -> None:
+    def preload(self, model_id: str, compiled: bool = False) -> None:  # nothing compiles here
         self._model(self.registry.get(model_id))
 
     def loaded_ids(self) -> list[str]:

@@ -2,6 +2,7 @@
 code generation takes minutes on two cores); on CUDA the same graphs go to inductor and are replayed as CUDA
 graphs (the CUDA tests run on a GPU machine; see benchmarks/README.md)."""
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -21,12 +22,16 @@ from benchmarks.gpu_pipeline import unet_inputs
 from dreamsketch.engine import LocalEngine
 from dreamsketch.fastpath import (
     REGIONS,
+    CompiledInBackground,
     CudaGraphs,
     apply_fast_path,
     compile_regions,
+    compiled_twin,
+    graph_wrappers,
     graphed_models,
     replay_as_graphs,
     signature,
+    wait_for_compilation,
 )
 from dreamsketch.pipelines import ModelUnavailableError
 from dreamsketch.registry import load_registry
@@ -191,10 +196,12 @@ class CpuReplay:
         args, kwargs = tree_unflatten(static_leaves, spec)
         self.output = forward(*args, **kwargs)
 
-    def replay(self):
+    def replay(self):  # what was captured ran in the capture's grad modes
         args, kwargs = tree_unflatten(self.static_leaves, self.spec)
-        for static, fresh in zip(tree_leaves(self.output), tree_leaves(self.forward(*args, **kwargs)), strict=True):
-            static.copy_(fresh)
+        with torch.inference_mode(False), torch.no_grad():
+            fresh = self.forward(*args, **kwargs)
+            for static, value in zip(tree_leaves(self.output), tree_leaves(fresh), strict=True):
+                static.copy_(value)
 
 
 class Capturable(TorchDispatchMode):
@@ -219,10 +226,11 @@ def cpu_graphs(monkeypatch):
     def cpu_signature(leaves, spec):
         return (str(spec), *[(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves])
 
-    def capture(self, leaves, spec):
-        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        with Capturable():
-            replay = CpuReplay(self.forward, static, spec)
+    def capture(self, leaves, spec):  # in the grad modes of CudaGraphs._capture
+        with torch.inference_mode(False), torch.no_grad():
+            static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            with Capturable():
+                replay = CpuReplay(self.forward, static, spec)
         return replay, [leaf for leaf in static if isinstance(leaf, torch.Tensor)], replay.output
 
     monkeypatch.setattr("dreamsketch.fastpath.signature", cpu_signature)
@@ -280,6 +288,103 @@ def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(engin
         for made, expected in zip(engine.generate(request).images, plain.generate(request).images, strict=True):
             assert np.abs(np.asarray(made, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
     assert len(unet.forward.graphs) == 4  # and one per new UNet batch and latent size: 4x16x24, 1x16x16, 2x20x12
+
+
+def test_the_compiled_twin_shares_the_unets_weights_and_leaves_its_blocks_eager():
+    unet = build_tiny_pipeline().unet
+    twin = compiled_twin(unet, "aot_eager")
+    assert all(a is b for a, b in zip(unet.parameters(), twin.parameters(), strict=True))
+
+    def regions(model):
+        return [module for module in model.modules() if type(module).__name__ in REGIONS]
+
+    assert all(module._compiled_call_impl is None for module in regions(unet))
+    assert all(module._compiled_call_impl is not None for module in regions(twin))
+
+
+def compiling_on_cuda(engine, monkeypatch, backend):
+    """`engine` (engine_as_on_cuda) with DREAMSKETCH_COMPILE=1, its UNet's blocks compiled by `backend`. The
+    simulated captures go unchecked (dynamo will not run under a dispatch mode such as Capturable); the tests above
+    check the eager UNet's."""
+    monkeypatch.setattr(f"{__name__}.Capturable", contextlib.nullcontext)
+    original = dreamsketch.fastpath.apply_fast_path
+    monkeypatch.setattr(
+        "dreamsketch.pipelines.apply_fast_path", lambda pipe, _, graphs: original(pipe, backend, graphs)
+    )
+    torch._dynamo.reset()
+    engine.cache.compile = True
+    return engine
+
+
+def test_on_cuda_the_eager_unet_serves_while_its_twin_compiles_then_the_compiled_one(
+    engine_as_on_cuda, cpu_settings, monkeypatch
+):
+    """Compiling SD 1.5 from an empty cache takes nearly two minutes on an H100: meanwhile requests are answered by
+    the eager UNet's CUDA graphs (simulated here on the CPU), and the first request after it replays the compiled
+    UNet's, which the compilation has already made for it."""
+    release, compiled_graphs = threading.Event(), []
+    aot_eager = lookup_backend("aot_eager")
+
+    def held_back(graph, example_inputs):  # compiles once the test lets it
+        assert release.wait(timeout=120)
+        compiled_graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    engine = compiling_on_cuda(engine_as_on_cuda, monkeypatch, held_back)
+    plain = LocalEngine(cpu_settings, load_registry(cpu_settings.models_file))
+    request = parse_request({"prompt": "fox", "steps": 3, "seed": 5}, plain.cache.registry, "txt2img", "tiny-demo")
+    expected = np.asarray(plain.generate(request).images[0], dtype=np.int16)
+    pipe = engine.cache.get("tiny-demo").txt2img  # warms up: captures the eager UNet, starts compiling
+    unet = pipe.unet.forward
+    assert isinstance(unet, CompiledInBackground) and unet.worker is not None and unet.worker.is_alive()
+    served = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    assert np.abs(served - expected).max() <= 1
+    assert compiled_graphs == [] and len(unet.eager.graphs) == 1 and unet.compiled.graphs == {}
+    release.set()
+    assert wait_for_compilation(pipe) and compiled_graphs
+    assert all(module._compiled_call_impl is None for module in pipe.unet.modules())  # its own blocks stay eager
+    counters.clear()
+    made = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+    assert counters["stats"]["unique_graphs"] == 0  # the worker compiled what the request needs
+    assert np.abs(made - expected).max() <= 1
+    assert unet.eager.graphs == {} and len(unet.compiled.graphs) == 1
+
+
+def test_on_cuda_a_failed_compilation_leaves_the_eager_unet_serving(engine_as_on_cuda, monkeypatch, caplog):
+    def broken(graph, example_inputs):
+        raise RuntimeError("inductor broke")
+
+    engine = compiling_on_cuda(engine_as_on_cuda, monkeypatch, broken)
+    pipe = engine.cache.get("tiny-demo").txt2img
+    assert not wait_for_compilation(pipe)
+    assert "compiling the UNet's blocks failed, the fast path goes on without them" in caplog.text
+    request = parse_request({"prompt": "fox", "steps": 2}, engine.cache.registry, "txt2img", "tiny-demo")
+    assert len(engine.generate(request).images) == 1
+    assert len(pipe.unet.forward.eager.graphs) == 1 and pipe.unet.forward.compiled.graphs == {}
+
+
+def test_on_cuda_preloading_with_compiled_or_evicting_a_model_waits_for_its_compilation(engine_as_on_cuda, monkeypatch):
+    """`dreamsketch preload` leaves the compile cache full for the server's start; an evicted model's weights stay
+    on the GPU while its compilation runs, so the eviction waits for it."""
+    aot_eager, release = lookup_backend("aot_eager"), threading.Event()
+
+    def held_back(graph, example_inputs):
+        assert release.wait(timeout=120)
+        return aot_eager(graph, example_inputs)
+
+    engine = compiling_on_cuda(engine_as_on_cuda, monkeypatch, held_back)
+    threading.Timer(0.5, release.set).start()
+    engine.preload("tiny-demo", compiled=True)
+    assert engine.cache.get("tiny-demo").txt2img.unet.forward.ready.is_set()
+    engine.cache.evict("tiny-demo")
+    release.clear()
+    torch._dynamo.reset()  # the next load compiles again
+    pipe = engine.cache.get("tiny-demo").txt2img
+    worker = pipe.unet.forward.worker
+    assert worker.is_alive()
+    threading.Timer(0.5, release.set).start()
+    engine.cache.evict("tiny-demo")
+    assert not worker.is_alive() and pipe.unet.forward.ready.is_set()
 
 
 def test_fused_projections_cost_no_memory():
@@ -393,9 +498,10 @@ def assert_replays_give_the_plain_pictures(plain, fast, tolerance):
         a = plain(**prompts, **kwargs, generator=torch.Generator().manual_seed(seed)).images
         b = fast(**prompts, **kwargs, generator=torch.Generator().manual_seed(seed)).images
         assert np.abs(a - b).max() < tolerance
-    for model in graphed_models(fast):  # one graph per input shape: UNet CFG batches 2 and 6, text batches 1 and 3
-        assert isinstance(model.forward, CudaGraphs) and len(model.forward.graphs) == 2
-        assert all(captured is not None for captured in model.forward.graphs.values())
+    wrappers = [wrapper for wrapper in graph_wrappers(fast) if wrapper.graphs]  # the compiled UNet's, if compiled
+    assert len(wrappers) == len(graphed_models(fast))
+    for wrapper in wrappers:  # one graph per input shape: UNet CFG batches 2 and 6, text batches 1 and 3
+        assert len(wrapper.graphs) == 2 and all(captured is not None for captured in wrapper.graphs.values())
 
 
 def test_compile_cache_outlives_reboots_unless_the_user_chose_one(monkeypatch, tmp_path):
@@ -421,6 +527,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(build, backend):
     plain = build().to("cuda", torch.float16)
     fast = apply_fast_path(build().to("cuda", torch.float16), backend=backend)
+    if backend is not None:  # the first call starts compiling the UNet; the calls below replay the compiled one
+        fast(prompt="a red fox", num_inference_steps=1, height=128, width=128, output_type="latent")
+        assert wait_for_compilation(fast)
     encoders = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if build is build_tiny_sdxl_pipeline else [])
     assert [type(model).__name__ for model in graphed_models(fast)] == ["UNet2DConditionModel", *encoders]
     assert_replays_give_the_plain_pictures(plain, fast, tolerance=2e-2)  # fp16 noise
@@ -447,11 +556,13 @@ def test_cuda_compiled_unet_batch_of_one_replays_its_own_graph_with_the_plain_pi
     plain = build_tiny_pipeline().to("cuda", torch.float16)
     fast = apply_fast_path(build_tiny_pipeline().to("cuda", torch.float16), backend="inductor")
     kwargs = dict(prompt="a red fox", num_inference_steps=3, height=128, width=128, output_type="np")
-    fast(**kwargs, guidance_scale=7.5)  # compiles for the CFG batch of 2
+    fast(**kwargs, guidance_scale=7.5)  # starts compiling for the CFG batch of 2
+    assert wait_for_compilation(fast)
+    fast(**kwargs, guidance_scale=7.5)  # captures the compiled UNet's graph
     counters.clear()
     for _ in range(2):  # the first call captures the graph of a batch of one, the second replays it
         a = plain(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(1)).images
         b = fast(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(1)).images
         assert np.abs(a - b).max() < 2e-2  # fp16 noise
     assert counters["stats"]["unique_graphs"] == 0
-    assert len(fast.unet.forward.graphs) == 2
+    assert len(fast.unet.forward.compiled.graphs) == 2
