@@ -4,9 +4,9 @@
 # fills the compile cache), the fast path's first call in a fresh process with that cache warm, the CUDA tests,
 # SDXL's gpu_pipeline, where a compiled SD 1.5 request's time goes (request_phases), SDXL's warm first call and
 # its default engine's phases.
-# On 2026-11-27 (fourth run, an H100 with a fast host) SD 1.5's gpu_pipeline took 2.9 min, request_phases 1.4, the
-# warm first call 0.6, the CUDA tests 1.4, SDXL's gpu_pipeline 3.3 (--runs 3). Run it unpiped: a pipe (grep, tail)
-# holds back the last lines, and the reply's tail then hides which steps finished.
+# On 2026-11-27 (fifth run, an H100) SD 1.5's gpu_pipeline took 3.0 min, the warm first call 0.7, the CUDA tests
+# 1.8, SDXL's gpu_pipeline 3.2 (--runs 3), the rest 1.9 in all. Run it unpiped: a pipe (grep, tail) holds back the
+# last lines, and the reply's tail then hides which steps finished.
 # Arguments go to the benchmarks: --runs N, --compile-backend B, --small. The outputs are written to $WORK and
 # packed into $OUT/results.tar.gz after every step and every 30 s (the device tool brings back at most 8 files).
 # FROM=NAME starts at the step of that name (a second call picks up where a call cut short stopped).
@@ -49,10 +49,10 @@ step() {  # step NAME COMMAND...: stdout to $WORK/NAME.json, stderr to $WORK/log
 
 # plain diffusers, the default engine (the fast path without compilation) and the compiled fast path, with torch's
 # compile steps and their times (tracing, inductor); the fast path now compiles in the background while the eager
-# UNet's CUDA graphs serve: the first picture's time, and when the compiled UNet takes over (cold: 107.8 s on
-# 2026-11-27 before the first picture)
+# UNet's CUDA graphs serve: the first picture's time, and when the compiled UNet takes over (cold, 2026-11-27: 3.4 s
+# and 116.5 s; 107.8 s to the first picture before compilation moved to the background)
 step gpu_pipeline_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 "$@"
-# the same in a fresh process with the compile cache warm (16.4 s before the first picture on 2026-11-27)
+# the same in a fresh process with the compile cache warm (2026-11-27: 4.5 s and 18.2 s)
 step first_call_warm_sd15 env TORCH_LOGS=dynamo,inductor python3 -m benchmarks.gpu_pipeline --only sd15 \
     --first-call "$@"
 if wanted cuda_tests; then
