@@ -64,7 +64,7 @@ def apply_fast_path(pipe: Any, backend: str | None = "inductor", graphs: bool | 
     if graphs:
         replay_as_graphs(pipe)
     if twin is not None:
-        pipe.unet.forward = CompiledInBackground(pipe.unet.forward, CudaGraphs(twin.forward, "the compiled UNet"))
+        pipe.unet.forward = CompiledInBackground(pipe.unet.forward, twin)
     elif backend is not None:
         compile_unet(pipe.unet, backend)
     log.info("fast path on: channels_last UNet, fused QKV, compiled blocks: %s, CUDA graphs: %s", backend, graphs)
@@ -150,9 +150,16 @@ def drop_graphs(pipe: Any) -> bool:
 
 def wait_for_compilation(pipe: Any) -> bool:
     """Wait until the UNet's background compilation (if it has one, and it started) has ended; whether the
-    compiled UNet serves from the next call on (for benchmarks and tests: a server never waits)."""
+    compiled UNet serves from the next call on (for `dreamsketch preload`, benchmarks and tests)."""
     forward = pipe.unet.forward
     return not isinstance(forward, CompiledInBackground) or forward.wait()
+
+
+def stop_compilation(pipe: Any) -> None:
+    """Stop the UNet's background compilation, if it has one running, and wait for it to end."""
+    if isinstance(pipe.unet.forward, CompiledInBackground):
+        pipe.unet.forward.stop()
+        pipe.unet.forward.wait()
 
 
 # How CUDA's own allocation failures and cuBLAS's and cuDNN's read: torch raises them as plain RuntimeErrors (or, from
@@ -166,6 +173,19 @@ def out_of_memory(exc: BaseException | None) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return type(exc) in TORCH_ERRORS and any(words in str(exc) for words in OUT_OF_MEMORY)
+
+
+def caused_by_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from or while handling (a capture's own error, dynamo's wrapping
+    of its compiler's), says that the GPU ran out of memory."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if out_of_memory(cause):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def free_memory() -> None:
@@ -235,11 +255,12 @@ def with_sides_of_one_eager(forward: Callable[..., Any], halvings: int) -> Calla
     """Latents that leave a side of 1 at the UNet's deepest level (SD 1.x/2.x at 64 pixels) run without the
     compiled blocks: dynamo specialises sizes of 1, and such a request compiled 4-5 of full-size SD 1.5's graphs
     again, waiting for inductor with the device lock held. torch's stance is global; the engine's device lock
-    keeps other UNet calls out meanwhile."""
+    keeps other UNet calls out meanwhile (on CUDA, where the UNet compiles in the background, such latents never
+    reach the compiled UNet: CompiledInBackground)."""
 
     @functools.wraps(forward)
     def guarded(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if min(sample.shape[-2:]) > 2**halvings:  # each halving rounds up: ceil(side / 2**halvings) > 1
+        if not has_side_of_one(sample, halvings):
             return forward(sample, *args, **kwargs)
         with torch.compiler.set_stance("force_eager"):
             return forward(sample, *args, **kwargs)
@@ -247,27 +268,51 @@ def with_sides_of_one_eager(forward: Callable[..., Any], halvings: int) -> Calla
     return guarded
 
 
-class CompiledInBackground:
-    """The UNet's forward while its compiled twin is made: calls replay CUDA graphs of the eager UNet (`eager`)
-    until a worker thread, started by the first call with a copy of that call's inputs, has compiled the twin's
-    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go. If
-    compilation fails, the eager graphs serve on. The worker runs the twin once on a CUDA stream of its own, as a
-    capture's warm-up calls do (not in inference mode), so that the captures find its code compiled."""
+def has_side_of_one(sample: torch.Tensor, halvings: int) -> bool:
+    """Whether latents `sample` leave a side of 1 after `halvings` halvings (each rounds up)."""
+    return min(sample.shape[-2:]) <= 2**halvings
 
-    def __init__(self, eager: CudaGraphs, compiled: CudaGraphs) -> None:
-        self.eager, self.compiled = eager, compiled
+
+class CompilationStopped(Exception):
+    """The background compilation was stopped (the model is evicted, or the process ends)."""
+
+
+COMPILING: set[CompiledInBackground] = set()  # the UNets whose worker is compiling now
+
+
+class CompiledInBackground:
+    """The UNet's forward while its compiled `twin` is made: calls replay CUDA graphs of the eager UNet (`eager`)
+    until a worker thread, started by the first call with a copy of that call's inputs, has compiled the twin's
+    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go. The worker
+    runs the twin once on a CUDA stream of its own, as a capture's warm-up calls do (not in inference mode), so that
+    the captures find its code compiled. If compilation fails the eager graphs serve on (out of memory: a later call
+    tries again). Latents that leave a side of 1 at the UNet's deepest level always run the eager UNet (dynamo
+    specialises sizes of 1), so nothing here needs torch's global compiler stance, which the worker would see."""
+
+    def __init__(self, eager: CudaGraphs, twin: Any) -> None:  # twin: a diffusers UNet2DConditionModel
+        self.eager, self.compiled = eager, CudaGraphs(twin.forward, "the compiled UNet")
+        self.halvings = count_halvings(twin)
         self.worker: threading.Thread | None = None
         self.ready = threading.Event()  # the twin compiled
+        self.stopping = threading.Event()
+        self.switched = False  # the eager graphs went
+        for level in (*twin.down_blocks, twin.mid_block, *twin.up_blocks):  # eager modules: their hooks run as is
+            if level is not None:
+                level.register_forward_pre_hook(self._stop_if_asked)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if has_side_of_one(sample, self.halvings):
+            return self.eager(sample, *args, **kwargs)
         if self.ready.is_set():
-            if self.eager.graphs:
+            if not self.switched:
+                self.switched = True
                 self.eager.drop()
                 free_memory()
-            return self.compiled(*args, **kwargs)
-        output = self.eager(*args, **kwargs)
+            return self.compiled(sample, *args, **kwargs)
+        output = self.eager(sample, *args, **kwargs)
         if self.worker is None:
-            self.worker = threading.Thread(target=self._compile, args=self._copies(args, kwargs), daemon=True)
+            self.worker = threading.Thread(target=self._compile, args=self._copies((sample, *args), kwargs))
+            COMPILING.add(self)
             self.worker.start()
         return output
 
@@ -289,18 +334,43 @@ class CompiledInBackground:
                 self.compiled.forward(*args, **kwargs)
             if stream is not None:
                 stream.synchronize()
+            seconds = time.perf_counter() - start
+            log.info("compiled the UNet's blocks in %.1f s; the next call switches to them", seconds)
+            self.ready.set()
+        except CompilationStopped:
+            log.info("stopped compiling the UNet's blocks")
         except Exception as exc:
-            log.warning("compiling the UNet's blocks failed, the fast path goes on without them: %s", exc)
-            log.debug("the failure", exc_info=True)
-            return
-        log.info("compiled the UNet's blocks in %.1f s; the next call switches to them", time.perf_counter() - start)
-        self.ready.set()
+            if caused_by_out_of_memory(exc):
+                log.warning("out of GPU memory while compiling the UNet's blocks; a later call tries again")
+                self.worker = None
+            else:
+                log.warning("compiling the UNet's blocks failed, the fast path goes on without them: %s", exc)
+                log.debug("the failure", exc_info=True)
+        finally:
+            COMPILING.discard(self)
+
+    def _stop_if_asked(self, *_: Any) -> None:
+        if self.stopping.is_set():
+            raise CompilationStopped
 
     def wait(self) -> bool:
         """Wait for the worker, if it started; whether the twin compiled."""
-        if self.worker is not None:
-            self.worker.join()
+        worker = self.worker
+        if worker is not None:
+            worker.join()
         return self.ready.is_set()
+
+    def stop(self) -> None:
+        """Make the worker stop at the next level of the UNet it reaches (a level's blocks compile in seconds to
+        about 15 s on an H100); the eager graphs serve on."""
+        self.stopping.set()
+
+
+def stop_compiling() -> None:
+    """Make every background compilation stop soon: before the process ends, which waits for the workers (as
+    daemon threads they would die inside torch's C++ code and abort the process)."""
+    for compiling in list(COMPILING):
+        compiling.stop()
 
 
 class CudaGraphs:
@@ -344,7 +414,7 @@ class CudaGraphs:
         try:
             captured = self._capture(leaves, spec)
         except RuntimeError as exc:  # out of memory too, or as the cause of the capture's own error
-            if not any(out_of_memory(e) for e in (exc, exc.__cause__, exc.__context__)):
+            if not caused_by_out_of_memory(exc):
                 log.warning("no CUDA graph for this input signature, it runs eagerly: %s", exc)
                 return None
             captured = None  # dropped below, once the error no longer holds the capture's tensors
@@ -398,6 +468,7 @@ def signature(leaves: list[Any], spec: Any) -> tuple | None:
 
 def warm_up(pipe: Any, width: int, height: int) -> None:
     """Capture (and compile, or start compiling) ahead of the first request: one short run at the model's native
-    size, in the inference mode that the engine runs requests in (dynamo's graphs are specific to it)."""
+    size, in the inference mode that the engine runs requests in (without CUDA graphs dynamo's graphs are specific
+    to it)."""
     with torch.inference_mode():
         pipe(prompt="", num_inference_steps=2, width=width, height=height, output_type="latent")

@@ -37,7 +37,7 @@ from dreamsketch.fastpath import (
     drop_graphs,
     free_memory,
     out_of_memory,
-    wait_for_compilation,
+    stop_compilation,
     warm_up,
 )
 from dreamsketch.registry import ModelSpec, Registry, is_diffusers_folder
@@ -413,7 +413,7 @@ class PipelineCache:
     def evict(self, model_id: str) -> None:
         model = self.loaded.pop(model_id, None)
         if model is not None:
-            wait_for_compilation(model.txt2img)  # a compilation in the background holds the weights until it ends
+            stop_compilation(model.txt2img)  # a compilation in the background holds the weights until it ends
         free_memory()
         log.info("unloaded %s", model_id)
 

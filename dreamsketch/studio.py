@@ -17,6 +17,7 @@ import transformers
 from dreamsketch import __version__
 from dreamsketch.config import Settings, SettingsError
 from dreamsketch.engine import Generation, GenerationCancelled, LocalEngine, StepCallback
+from dreamsketch.fastpath import stop_compiling
 from dreamsketch.gallery import Gallery, GalleryEntry, ImageMeta
 from dreamsketch.pipelines import is_available
 from dreamsketch.registry import Registry, load_registry
@@ -173,11 +174,12 @@ class Studio:
 
     def shut_down(self) -> None:
         """Refuse new requests and cancel the running and waiting ones: each stops within a step, saves nothing, and
-        its caller hears that the server is shutting down."""
+        its caller hears that the server is shutting down. Compilations in the background stop too."""
         with self._pending_lock:
             self.closing.set()
             for cancel in self._cancels:
                 cancel.set()
+        stop_compiling()
 
     @property
     def pending(self) -> int:

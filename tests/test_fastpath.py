@@ -5,6 +5,7 @@ graphs (the CUDA tests run on a GPU machine; see benchmarks/README.md)."""
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import threading
 
@@ -291,9 +292,11 @@ def test_the_default_engine_on_cuda_replays_graphs_with_the_plain_pictures(engin
 
 
 def test_the_compiled_twin_shares_the_unets_weights_and_leaves_its_blocks_eager():
-    unet = build_tiny_pipeline().unet
+    unet = apply_fast_path(build_tiny_pipeline(), backend=None, graphs=False).unet  # fused QKV: weights as views
     twin = compiled_twin(unet, "aot_eager")
     assert all(a is b for a, b in zip(unet.parameters(), twin.parameters(), strict=True))
+    attention = next(m for m in twin.modules() if getattr(m, "to_qkv", None) is not None)
+    assert attention.to_k.weight.untyped_storage().data_ptr() == attention.to_qkv.weight.untyped_storage().data_ptr()
 
     def regions(model):
         return [module for module in model.modules() if type(module).__name__ in REGIONS]
@@ -302,22 +305,38 @@ def test_the_compiled_twin_shares_the_unets_weights_and_leaves_its_blocks_eager(
     assert all(module._compiled_call_impl is not None for module in regions(twin))
 
 
-def compiling_on_cuda(engine, monkeypatch, backend):
-    """`engine` (engine_as_on_cuda) with DREAMSKETCH_COMPILE=1, its UNet's blocks compiled by `backend`. The
-    simulated captures go unchecked (dynamo will not run under a dispatch mode such as Capturable); the tests above
-    check the eager UNet's."""
+@pytest.fixture
+def compiled_cpu_graphs(cpu_graphs, monkeypatch):
+    """cpu_graphs for the compiled UNet too: its captures go unchecked (dynamo will not run under a dispatch mode
+    such as Capturable); the tests above check the eager UNet's."""
     monkeypatch.setattr(f"{__name__}.Capturable", contextlib.nullcontext)
+    torch._dynamo.reset()
+
+
+def compiling_on_cuda(engine, monkeypatch, backend):
+    """`engine` (engine_as_on_cuda, with compiled_cpu_graphs) with DREAMSKETCH_COMPILE=1, its UNet's blocks compiled
+    by `backend`."""
     original = dreamsketch.fastpath.apply_fast_path
     monkeypatch.setattr(
         "dreamsketch.pipelines.apply_fast_path", lambda pipe, _, graphs: original(pipe, backend, graphs)
     )
-    torch._dynamo.reset()
     engine.cache.compile = True
     return engine
 
 
+def held_back_compilation():
+    """A backend that compiles (aot_eager) once the returned event is set."""
+    release, aot_eager = threading.Event(), lookup_backend("aot_eager")
+
+    def held_back(graph, example_inputs):
+        assert release.wait(timeout=120)
+        return aot_eager(graph, example_inputs)
+
+    return held_back, release
+
+
 def test_on_cuda_the_eager_unet_serves_while_its_twin_compiles_then_the_compiled_one(
-    engine_as_on_cuda, cpu_settings, monkeypatch
+    compiled_cpu_graphs, engine_as_on_cuda, cpu_settings, monkeypatch
 ):
     """Compiling SD 1.5 from an empty cache takes nearly two minutes on an H100: meanwhile requests are answered by
     the eager UNet's CUDA graphs (simulated here on the CPU), and the first request after it replays the compiled
@@ -350,7 +369,9 @@ def test_on_cuda_the_eager_unet_serves_while_its_twin_compiles_then_the_compiled
     assert unet.eager.graphs == {} and len(unet.compiled.graphs) == 1
 
 
-def test_on_cuda_a_failed_compilation_leaves_the_eager_unet_serving(engine_as_on_cuda, monkeypatch, caplog):
+def test_on_cuda_a_failed_compilation_leaves_the_eager_unet_serving(
+    compiled_cpu_graphs, engine_as_on_cuda, monkeypatch, caplog
+):
     def broken(graph, example_inputs):
         raise RuntimeError("inductor broke")
 
@@ -363,15 +384,13 @@ def test_on_cuda_a_failed_compilation_leaves_the_eager_unet_serving(engine_as_on
     assert len(pipe.unet.forward.eager.graphs) == 1 and pipe.unet.forward.compiled.graphs == {}
 
 
-def test_on_cuda_preloading_with_compiled_or_evicting_a_model_waits_for_its_compilation(engine_as_on_cuda, monkeypatch):
+def test_on_cuda_preloading_waits_for_the_compilation_and_evicting_stops_it(
+    compiled_cpu_graphs, engine_as_on_cuda, monkeypatch, caplog
+):
     """`dreamsketch preload` leaves the compile cache full for the server's start; an evicted model's weights stay
-    on the GPU while its compilation runs, so the eviction waits for it."""
-    aot_eager, release = lookup_backend("aot_eager"), threading.Event()
-
-    def held_back(graph, example_inputs):
-        assert release.wait(timeout=120)
-        return aot_eager(graph, example_inputs)
-
+    on the GPU while its compilation runs, so the eviction stops it (at the UNet's next level) and waits."""
+    caplog.set_level(logging.INFO, logger="dreamsketch.fastpath")
+    held_back, release = held_back_compilation()
     engine = compiling_on_cuda(engine_as_on_cuda, monkeypatch, held_back)
     threading.Timer(0.5, release.set).start()
     engine.preload("tiny-demo", compiled=True)
@@ -382,9 +401,59 @@ def test_on_cuda_preloading_with_compiled_or_evicting_a_model_waits_for_its_comp
     pipe = engine.cache.get("tiny-demo").txt2img
     worker = pipe.unet.forward.worker
     assert worker.is_alive()
-    threading.Timer(0.5, release.set).start()
+    threading.Timer(0.5, release.set).start()  # after the eviction has asked the worker to stop
     engine.cache.evict("tiny-demo")
-    assert not worker.is_alive() and pipe.unet.forward.ready.is_set()
+    assert not worker.is_alive() and not pipe.unet.forward.ready.is_set()
+    assert "stopped compiling the UNet's blocks" in caplog.text
+
+
+def test_on_cuda_the_compilation_stops_when_the_process_is_told_to_end(compiled_cpu_graphs, monkeypatch):
+    """The worker is no daemon thread (one dying inside torch's C++ code at exit aborted the process), so the
+    CLI's end and a server's shut-down stop it."""
+    held_back, release = held_back_compilation()
+    pipe = apply_fast_path(build_tiny_pipeline(), backend=held_back, graphs=True)
+    pipe(prompt="fox", num_inference_steps=1, height=128, width=128, output_type="latent")
+    unet = pipe.unet.forward
+    assert unet in dreamsketch.fastpath.COMPILING and not unet.worker.daemon
+    dreamsketch.fastpath.stop_compiling()
+    release.set()
+    assert not wait_for_compilation(pipe) and unet not in dreamsketch.fastpath.COMPILING
+
+
+def test_on_cuda_compiling_out_of_memory_tries_again_at_a_later_call(compiled_cpu_graphs, caplog):
+    aot_eager, calls = lookup_backend("aot_eager"), []
+
+    def short_of_memory_once(graph, example_inputs):
+        calls.append(graph)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return aot_eager(graph, example_inputs)
+
+    pipe = apply_fast_path(build_tiny_pipeline(), backend=short_of_memory_once, graphs=True)
+    kwargs = dict(prompt="fox", num_inference_steps=1, height=128, width=128, output_type="latent")
+    pipe(**kwargs)
+    assert not wait_for_compilation(pipe)
+    assert "out of GPU memory while compiling the UNet's blocks; a later call tries again" in caplog.text
+    pipe(**kwargs)
+    assert wait_for_compilation(pipe)
+
+
+def test_on_cuda_latents_with_a_side_of_one_always_run_the_eager_unet(compiled_cpu_graphs):
+    """dynamo specialises sizes of 1, and the fast path's way round it elsewhere (torch's global compiler stance)
+    would reach the worker's compilation too: such latents start no compilation and never reach the compiled UNet."""
+    pipe = apply_fast_path(build_tiny_pipeline(), backend="aot_eager", graphs=True)
+    unet, cpu = pipe.unet.forward, torch.device("cpu")
+    small, square = (unet_inputs(pipe.unet, 2, 16, cpu, torch.float32, latent_width=w) for w in (2, 16))
+    with torch.inference_mode():
+        pipe.unet(*small[0], **small[1])  # tiny-demo's UNet halves once: a latent side of 2 leaves a side of 1
+        assert unet.worker is None and len(unet.eager.graphs) == 1
+        pipe.unet(*square[0], **square[1])
+        assert wait_for_compilation(pipe)
+        counters.clear()
+        for args, kwargs in (square, small, square, small):
+            pipe.unet(*args, **kwargs)
+    assert counters["stats"]["unique_graphs"] == 0
+    assert len(unet.compiled.graphs) == 1 and len(unet.eager.graphs) == 1  # the small latents' graph, captured again
 
 
 def test_fused_projections_cost_no_memory():
@@ -533,6 +602,8 @@ def test_cuda_fast_path_replays_graphs_with_the_plain_pictures(build, backend):
     encoders = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if build is build_tiny_sdxl_pipeline else [])
     assert [type(model).__name__ for model in graphed_models(fast)] == ["UNet2DConditionModel", *encoders]
     assert_replays_give_the_plain_pictures(plain, fast, tolerance=2e-2)  # fp16 noise
+    if backend is not None:
+        assert len(fast.unet.forward.compiled.graphs) == 2 and fast.unet.forward.eager.graphs == {}
 
 
 @cuda
