@@ -160,13 +160,12 @@ class LocalEngine:
         self._waiting: list[_Job] = []  # oldest first
         self._turn = threading.Condition()  # guards _waiting; notified when it changes or a batch ends
 
-    def preload(self, model_id: str, compiled: bool = False) -> None:
+    def preload(self, model_id: str, compiled: bool = False) -> bool:
         """Load the model now; `compiled`: also wait until the fast path has compiled it in the background (its
-        compile cache then serves the next start)."""
+        compile cache then serves the next start). Whether it is as asked: False if that compilation failed."""
         with self.lock:
             model = self.cache.get(model_id)
-        if compiled:
-            wait_for_compilation(model.txt2img)
+        return not compiled or wait_for_compilation(model.txt2img)
 
     def loaded_ids(self) -> list[str]:
         return list(self.cache.loaded)

@@ -39,6 +39,7 @@ RECOMPILE_LIMIT = 64  # compiled variants per block class (one per block configu
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
 MAX_GRAPHS = 32  # captured input shapes (batch size x picture size); later new shapes run eagerly
 GRAPH_WARMUP_CALLS = 2  # eager calls on a side stream before capture (compiles, lazy CUDA initialisation)
+COMPILE_ATTEMPTS = 3  # background compilations of a UNet that may run out of GPU memory before it gives up
 
 
 def configure_compile_cache() -> None:
@@ -283,7 +284,8 @@ COMPILING: set[CompiledInBackground] = set()  # the UNets whose worker is compil
 class CompiledInBackground:
     """The UNet's forward while its compiled `twin` is made: calls replay CUDA graphs of the eager UNet (`eager`)
     until a worker thread, started by the first call with a copy of that call's inputs, has compiled the twin's
-    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go. The worker
+    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go (but those of
+    latents with a side of 1, below). The worker
     runs the twin once on a CUDA stream of its own, as a capture's warm-up calls do (not in inference mode), so that
     the captures find its code compiled. If compilation fails the eager graphs serve on (out of memory: a later call
     tries again). Latents that leave a side of 1 at the UNet's deepest level always run the eager UNet (dynamo
@@ -292,8 +294,10 @@ class CompiledInBackground:
     def __init__(self, eager: CudaGraphs, twin: Any) -> None:  # twin: a diffusers UNet2DConditionModel
         self.eager, self.compiled = eager, CudaGraphs(twin.forward, "the compiled UNet")
         self.halvings = count_halvings(twin)
-        self.worker: threading.Thread | None = None
+        self.worker: threading.Thread | None = None  # only calls (the device's owner) set it
+        self.attempts = 0
         self.ready = threading.Event()  # the twin compiled
+        self.out_of_memory = threading.Event()  # the last worker ran out of GPU memory
         self.stopping = threading.Event()
         self.switched = False  # the eager graphs went
         for level in (*twin.down_blocks, twin.mid_block, *twin.up_blocks):  # eager modules: their hooks run as is
@@ -310,11 +314,18 @@ class CompiledInBackground:
                 free_memory()
             return self.compiled(sample, *args, **kwargs)
         output = self.eager(sample, *args, **kwargs)
-        if self.worker is None:
+        if self.worker is None or self._to_try_again():
+            self.attempts += 1
+            self.out_of_memory.clear()
             self.worker = threading.Thread(target=self._compile, args=self._copies((sample, *args), kwargs))
             COMPILING.add(self)
             self.worker.start()
         return output
+
+    def _to_try_again(self) -> bool:
+        worker = self.worker
+        ended = worker is not None and not worker.is_alive()
+        return ended and self.out_of_memory.is_set() and self.attempts < COMPILE_ATTEMPTS and not self.stopping.is_set()
 
     @staticmethod
     def _copies(*inputs: Any) -> tuple[Any, ...]:
@@ -340,9 +351,9 @@ class CompiledInBackground:
         except CompilationStopped:
             log.info("stopped compiling the UNet's blocks")
         except Exception as exc:
-            if caused_by_out_of_memory(exc):
+            if caused_by_out_of_memory(exc) and self.attempts < COMPILE_ATTEMPTS:
                 log.warning("out of GPU memory while compiling the UNet's blocks; a later call tries again")
-                self.worker = None
+                self.out_of_memory.set()
             else:
                 log.warning("compiling the UNet's blocks failed, the fast path goes on without them: %s", exc)
                 log.debug("the failure", exc_info=True)
@@ -350,7 +361,7 @@ class CompiledInBackground:
             COMPILING.discard(self)
 
     def _stop_if_asked(self, *_: Any) -> None:
-        if self.stopping.is_set():
+        if self.stopping.is_set() and threading.current_thread() is self.worker:  # requests' calls go on
             raise CompilationStopped
 
     def wait(self) -> bool:
@@ -361,8 +372,8 @@ class CompiledInBackground:
         return self.ready.is_set()
 
     def stop(self) -> None:
-        """Make the worker stop at the next level of the UNet it reaches (a level's blocks compile in seconds to
-        about 15 s on an H100); the eager graphs serve on."""
+        """Make the worker stop at the next level of the UNet it reaches, if there is one (SD 1.5's levels took 13 s
+        each on average on an H100 with an empty cache), and start no other."""
         self.stopping.set()
 
 
@@ -371,6 +382,11 @@ def stop_compiling() -> None:
     daemon threads they would die inside torch's C++ code and abort the process)."""
     for compiling in list(COMPILING):
         compiling.stop()
+
+
+# However the process ends (the CLI, a server's shut-down, `uvicorn app:app`, an error), before it waits for its
+# threads: the hook that concurrent.futures uses for its own workers.
+threading._register_atexit(stop_compiling)  # type: ignore[attr-defined]
 
 
 class CudaGraphs:

@@ -44,8 +44,9 @@ class RemoteEngine:
         else:
             self.client = InferenceClient(provider="hf-inference", token=settings.hf_token, timeout=300)
 
-    def preload(self, model_id: str, compiled: bool = False) -> None:  # nothing compiles here
+    def preload(self, model_id: str, compiled: bool = False) -> bool:  # nothing compiles here
         self._model(self.registry.get(model_id))
+        return True
 
     def loaded_ids(self) -> list[str]:
         return []

@@ -376,6 +376,7 @@ def test_on_cuda_a_failed_compilation_leaves_the_eager_unet_serving(
         raise RuntimeError("inductor broke")
 
     engine = compiling_on_cuda(engine_as_on_cuda, monkeypatch, broken)
+    assert not engine.preload("tiny-demo", compiled=True)  # `dreamsketch preload` says so
     pipe = engine.cache.get("tiny-demo").txt2img
     assert not wait_for_compilation(pipe)
     assert "compiling the UNet's blocks failed, the fast path goes on without them" in caplog.text
@@ -438,6 +439,21 @@ def test_on_cuda_compiling_out_of_memory_tries_again_at_a_later_call(compiled_cp
     assert wait_for_compilation(pipe)
 
 
+def test_on_cuda_compiling_out_of_memory_gives_up_after_a_few_attempts(compiled_cpu_graphs, caplog):
+    def short_of_memory(graph, example_inputs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    pipe = apply_fast_path(build_tiny_pipeline(), backend=short_of_memory, graphs=True)
+    kwargs = dict(prompt="fox", num_inference_steps=1, height=128, width=128, output_type="latent")
+    workers = []
+    for _ in range(dreamsketch.fastpath.COMPILE_ATTEMPTS + 1):
+        pipe(**kwargs)
+        assert not wait_for_compilation(pipe)
+        workers.append(pipe.unet.forward.worker)
+    assert len(set(workers)) == dreamsketch.fastpath.COMPILE_ATTEMPTS
+    assert "compiling the UNet's blocks failed, the fast path goes on without them" in caplog.text
+
+
 def test_on_cuda_latents_with_a_side_of_one_always_run_the_eager_unet(compiled_cpu_graphs):
     """dynamo specialises sizes of 1, and the fast path's way round it elsewhere (torch's global compiler stance)
     would reach the worker's compilation too: such latents start no compilation and never reach the compiled UNet."""
@@ -454,6 +470,11 @@ def test_on_cuda_latents_with_a_side_of_one_always_run_the_eager_unet(compiled_c
             pipe.unet(*args, **kwargs)
     assert counters["stats"]["unique_graphs"] == 0
     assert len(unet.compiled.graphs) == 1 and len(unet.eager.graphs) == 1  # the small latents' graph, captured again
+    unet.stop()  # as a server's shut-down may while requests finish: they go on, new shapes captured too
+    bigger = unet_inputs(pipe.unet, 4, 16, cpu, torch.float32)
+    with torch.inference_mode():
+        assert pipe.unet(*square[0], **square[1]).sample.shape == (2, 4, 16, 16)
+        assert pipe.unet(*bigger[0], **bigger[1]).sample.shape == (4, 4, 16, 16)
 
 
 def test_fused_projections_cost_no_memory():
