@@ -134,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from dreamsketch.fastpath import stop_compiling
     from dreamsketch.studio import Studio
 
     try:
@@ -156,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:  # the process ends now: a compilation started here (generate) stops rather than holding it open
-        stop_compiling()
 
 
 def generate(studio, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

@@ -284,8 +284,7 @@ COMPILING: set[CompiledInBackground] = set()  # the UNets whose worker is compil
 class CompiledInBackground:
     """The UNet's forward while its compiled `twin` is made: calls replay CUDA graphs of the eager UNet (`eager`)
     until a worker thread, started by the first call with a copy of that call's inputs, has compiled the twin's
-    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go (but those of
-    latents with a side of 1, below). The worker
+    blocks; the first call after that replays the twin's graphs (`compiled`) and the eager graphs go. The worker
     runs the twin once on a CUDA stream of its own, as a capture's warm-up calls do (not in inference mode), so that
     the captures find its code compiled. If compilation fails the eager graphs serve on (out of memory: a later call
     tries again). Latents that leave a side of 1 at the UNet's deepest level always run the eager UNet (dynamo
@@ -348,10 +347,10 @@ class CompiledInBackground:
             seconds = time.perf_counter() - start
             log.info("compiled the UNet's blocks in %.1f s; the next call switches to them", seconds)
             self.ready.set()
-        except CompilationStopped:
-            log.info("stopped compiling the UNet's blocks")
         except Exception as exc:
-            if caused_by_out_of_memory(exc) and self.attempts < COMPILE_ATTEMPTS:
+            if self.stopping.is_set():  # CompilationStopped, or torch's own error while the process ends
+                log.info("stopped compiling the UNet's blocks")
+            elif caused_by_out_of_memory(exc) and self.attempts < COMPILE_ATTEMPTS:
                 log.warning("out of GPU memory while compiling the UNet's blocks; a later call tries again")
                 self.out_of_memory.set()
             else:
