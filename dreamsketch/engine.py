@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dreamsketch.config import Settings
-from dreamsketch.fastpath import out_of_memory, wait_for_compilation
+from dreamsketch.fastpath import compiling, out_of_memory, wait_for_compilation
 from dreamsketch.pipelines import USABLE_NOW, LoadedModel, PipelineCache, weights_state
 from dreamsketch.registry import ModelSpec, Registry
 from dreamsketch.request import GenerationRequest
@@ -169,6 +169,10 @@ class LocalEngine:
 
     def loaded_ids(self) -> list[str]:
         return list(self.cache.loaded)
+
+    def compiling_ids(self) -> list[str]:
+        """The loaded models whose fast path is still compiling (their requests run uncompiled meanwhile)."""
+        return [model_id for model_id, model in self.cache.loaded.items() if compiling(model.txt2img)]
 
     def model_state(self, spec: ModelSpec) -> tuple[str, bool]:
         """Where the model's weights stand, in the words the browser and the CLI show, and whether it can run now."""

@@ -156,6 +156,11 @@ def wait_for_compilation(pipe: Any) -> bool:
     return not isinstance(forward, CompiledInBackground) or forward.wait()
 
 
+def compiling(pipe: Any) -> bool:
+    """Whether the UNet's blocks are being compiled in the background now."""
+    return isinstance(pipe.unet.forward, CompiledInBackground) and pipe.unet.forward in COMPILING
+
+
 def stop_compilation(pipe: Any) -> None:
     """Stop the UNet's background compilation, if it has one running, and wait for it to end."""
     if isinstance(pipe.unet.forward, CompiledInBackground):

@@ -51,6 +51,9 @@ class RemoteEngine:
     def loaded_ids(self) -> list[str]:
         return []
 
+    def compiling_ids(self) -> list[str]:
+        return []
+
     def model_state(self, spec: ModelSpec) -> tuple[str, bool]:
         """What the service can run, in the words the browser and the CLI show, and whether it can run it."""
         if self.base_url:

@@ -225,6 +225,7 @@ class Studio:
                 "gradio": version("gradio"),
             },
             "loaded_models": self.engine.loaded_ids(),
+            "compiling_models": self.engine.compiling_ids(),
             "queue_length": self.pending,
             "default_model": self.default_model,
         }

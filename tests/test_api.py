@@ -108,7 +108,7 @@ def test_health_status_models_with_and_without_slash(client: httpx.Client, slash
     assert client.get(f"/api/health{slash}").json() == {"status": "ok"}
     status = client.get(f"/api/status{slash}").json()
     assert status["device"] == "cpu" and status["gpu"] is None
-    assert {"versions", "loaded_models", "queue_length"} <= set(status)
+    assert {"versions", "loaded_models", "compiling_models", "queue_length"} <= set(status)
     models = client.get(f"/api/models{slash}").json()
     assert models["status"] == "success"
     ids = {m["id"]: m for m in models["models"]}

@@ -356,11 +356,12 @@ def test_on_cuda_the_eager_unet_serves_while_its_twin_compiles_then_the_compiled
     pipe = engine.cache.get("tiny-demo").txt2img  # warms up: captures the eager UNet, starts compiling
     unet = pipe.unet.forward
     assert isinstance(unet, CompiledInBackground) and unet.worker is not None and unet.worker.is_alive()
+    assert engine.compiling_ids() == ["tiny-demo"]  # /api/status says so
     served = np.asarray(engine.generate(request).images[0], dtype=np.int16)
     assert np.abs(served - expected).max() <= 1
     assert compiled_graphs == [] and len(unet.eager.graphs) == 1 and unet.compiled.graphs == {}
     release.set()
-    assert wait_for_compilation(pipe) and compiled_graphs
+    assert wait_for_compilation(pipe) and compiled_graphs and engine.compiling_ids() == []
     assert all(module._compiled_call_impl is None for module in pipe.unet.modules())  # its own blocks stay eager
     counters.clear()
     made = np.asarray(engine.generate(request).images[0], dtype=np.int16)
