@@ -597,7 +597,8 @@ class Form:
         return [self.fields[name] for name in self.restorable_names]
 
 
-def build_form(studio: Studio, mode: Mode) -> Form:
+def build_form(studio: Studio, mode: Mode, model_labels: list[tuple[str, str]]) -> Form:
+    """`model_labels`: the model dropdown's choices (model_choices)."""
     form = Form(mode)
     width, height, steps, guidance = model_defaults(studio, studio.default_model)
     with gr.Row(equal_height=False):
@@ -616,9 +617,7 @@ def build_form(studio: Studio, mode: Mode) -> Form:
                     label="Suggested prompts",
                     elem_id="txt2img-suggestions",
                 )
-            form.fields["model_id"] = gr.Dropdown(
-                model_choices(studio.models()), value=studio.default_model, label="Model"
-            )
+            form.fields["model_id"] = gr.Dropdown(model_labels, value=studio.default_model, label="Model")
             if mode == "img2img":
                 form.fields["strength"] = gr.Slider(
                     0.01, 1.0, value=DEFAULT_STRENGTH, step=0.01, label="Strength (denoising)"
@@ -1078,13 +1077,14 @@ def page_url(request: gr.Request) -> str:
 
 def build_demo(studio: Studio) -> gr.Blocks:
     handlers = Handlers(studio)
+    model_labels = model_choices(studio.models())  # one look at every model's files for both forms
     with gr.Blocks(title="DreamSketch", delete_cache=UPLOADS_KEPT) as demo:
         gr.Markdown("# DreamSketch\nText-to-image and image-to-image on your own machine.", elem_classes="ds-header")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
-                t2i = build_form(studio, "txt2img")
+                t2i = build_form(studio, "txt2img", model_labels)
             with gr.Tab("Image to image", id="img2img"):
-                i2i = build_form(studio, "img2img")
+                i2i = build_form(studio, "img2img", model_labels)
             with gr.Tab("Gallery", id="gallery") as gallery_tab:
                 page, page_outputs, show_page = build_gallery_tab(studio, t2i, tabs)
             with gr.Tab("Models & status", id="status") as status_tab:

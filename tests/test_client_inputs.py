@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from dreamsketch.schedulers import DEFAULT_SCHEDULER
 from dreamsketch.studio import Studio
-from dreamsketch.ui import form_values, png_info
+from dreamsketch.ui import build_demo, form_values, png_info
 from tests.servers import RunningServer, gradio_client, running_server, tiny_settings
 
 FAST = {"model_id": "tiny-demo", "width": 64, "height": 64, "steps": 1}
@@ -307,3 +307,14 @@ def test_png_info_names_the_tool_whose_metadata_a_picture_holds(tmp_path: Path, 
     Image.new("RGB", (8, 8)).save(tmp_path / "other.png", pnginfo=info)
     with pytest.warns(UserWarning, match=f"^This picture holds {tool}.*, not A1111 parameters"):
         assert png_info(str(tmp_path / "other.png")) == ("", None)
+
+
+def test_building_the_page_looks_at_the_models_files_once(tmp_path: Path, monkeypatch) -> None:
+    """Each form listed the models itself: every model's files were looked at twice at import (Hub models' too)."""
+    studio, looks = Studio(tiny_settings(tmp_path)), []
+    models = studio.models
+    monkeypatch.setattr(studio, "models", lambda: looks.append(1) or models())
+    demo = build_demo(studio)
+    dropdowns = [block for block in demo.blocks.values() if isinstance(block, gr.Dropdown) and block.label == "Model"]
+    assert len(looks) == 1 and len(dropdowns) == 2
+    assert dropdowns[0].choices == dropdowns[1].choices and ("tiny-demo" in str(dropdowns[0].choices))
