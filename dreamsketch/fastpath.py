@@ -301,7 +301,7 @@ class CompiledInBackground:
         self.worker: threading.Thread | None = None  # only calls (the device's owner) set it
         self.attempts = 0
         self.ready = threading.Event()  # the twin compiled
-        self.out_of_memory = threading.Event()  # the last worker ran out of GPU memory
+        self.ran_out_of_memory = threading.Event()  # the last worker ran out of GPU memory
         self.stopping = threading.Event()
         self.switched = False  # the eager graphs went
         for level in (*twin.down_blocks, twin.mid_block, *twin.up_blocks):  # eager modules: their hooks run as is
@@ -320,7 +320,7 @@ class CompiledInBackground:
         output = self.eager(sample, *args, **kwargs)
         if self.worker is None or self._to_try_again():
             self.attempts += 1
-            self.out_of_memory.clear()
+            self.ran_out_of_memory.clear()
             self.worker = threading.Thread(target=self._compile, args=self._copies((sample, *args), kwargs))
             COMPILING.add(self)
             self.worker.start()
@@ -329,7 +329,8 @@ class CompiledInBackground:
     def _to_try_again(self) -> bool:
         worker = self.worker
         ended = worker is not None and not worker.is_alive()
-        return ended and self.out_of_memory.is_set() and self.attempts < COMPILE_ATTEMPTS and not self.stopping.is_set()
+        retry = self.ran_out_of_memory.is_set() and self.attempts < COMPILE_ATTEMPTS
+        return ended and retry and not self.stopping.is_set()
 
     @staticmethod
     def _copies(*inputs: Any) -> tuple[Any, ...]:
@@ -357,7 +358,7 @@ class CompiledInBackground:
                 log.info("stopped compiling the UNet's blocks")
             elif caused_by_out_of_memory(exc) and self.attempts < COMPILE_ATTEMPTS:
                 log.warning("out of GPU memory while compiling the UNet's blocks; a later call tries again")
-                self.out_of_memory.set()
+                self.ran_out_of_memory.set()
             else:
                 log.warning("compiling the UNet's blocks failed, the fast path goes on without them: %s", exc)
                 log.debug("the failure", exc_info=True)

@@ -170,7 +170,7 @@ class Studio:
             try:
                 self.gallery.delete(entry.file_name)
             except Exception:  # the first failure is the one to report; take back what can be taken back
-                log.exception("could not take back %s, saved for a caller that is gone", entry.file_name)
+                log.exception("could not take %s back out of the gallery", entry.file_name)
 
     def shut_down(self) -> None:
         """Refuse new requests and cancel the running and waiting ones: each stops within a step, saves nothing, and
