@@ -403,7 +403,8 @@ def test_on_cuda_preloading_waits_for_the_compilation_and_evicting_stops_it(
     pipe = engine.cache.get("tiny-demo").txt2img
     worker = pipe.unet.forward.worker
     assert worker.is_alive()
-    threading.Timer(0.5, release.set).start()  # after the eviction has asked the worker to stop
+    stopping = pipe.unet.forward.stopping
+    threading.Thread(target=lambda: stopping.wait(120) and release.set()).start()  # once the eviction asks it to stop
     engine.cache.evict("tiny-demo")
     assert not worker.is_alive() and not pipe.unet.forward.ready.is_set()
     assert "stopped compiling the UNet's blocks" in caplog.text
@@ -411,7 +412,7 @@ def test_on_cuda_preloading_waits_for_the_compilation_and_evicting_stops_it(
 
 def test_on_cuda_the_compilation_stops_when_the_process_is_told_to_end(compiled_cpu_graphs, monkeypatch):
     """The worker is no daemon thread (one dying inside torch's C++ code at exit aborted the process), so the
-    CLI's end and a server's shut-down stop it."""
+    process's end and a server's shut-down stop it."""
     held_back, release = held_back_compilation()
     pipe = apply_fast_path(build_tiny_pipeline(), backend=held_back, graphs=True)
     pipe(prompt="fox", num_inference_steps=1, height=128, width=128, output_type="latent")
